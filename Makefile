@@ -1,0 +1,33 @@
+# janusflow: `make pretrain` trains the default recipe, `make test` runs the test suite.
+# Both set up the environment first (scripts/setup_env.sh; a no-op once installed).
+VENV ?= .venv
+PY := $(if $(JANUSFLOW_USE_ACTIVE_ENV),python,$(VENV)/bin/python)
+RECIPE ?= 2to8
+ARGS ?=
+export HF_HUB_OFFLINE ?= 1
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+
+.PHONY: setup pretrain test lint compare-repa ablations clean-runs
+
+setup:
+	@bash scripts/setup_env.sh $(VENV)
+
+pretrain: setup
+	$(PY) tools/train.py --recipe $(RECIPE) $(ARGS)
+
+# pytest exits 5 when it collects no tests: not a failure.
+test: setup
+	$(PY) -m pytest -q tests $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+lint: setup
+	$(PY) -m ruff check janusflow tools tests benchmarks
+
+compare-repa: setup
+	$(PY) tools/compare_repa.py --recipe $(RECIPE) $(ARGS)
+
+ablations: setup
+	$(PY) tools/ablations.py $(ARGS)
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's Python environment and installs janusflow into it.
+# - CPU machine: torch 2.14.1 + torchvision 0.29.1, a pair that imports cleanly with timm/diffusers/
+#   transformers and installs from the local wheel cache when present (no multi-GB download).
+# - GPU machine: a CUDA torch already visible (system site-packages or an active env) is left alone.
+# Idempotent: a stamp with the hash of setup.cfg makes the second run a no-op.
+set -euo pipefail
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+CPU_TORCH="torch==2.14.1 torchvision==0.29.1"
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+if [ -n "${JANUSFLOW_USE_ACTIVE_ENV:-}" ] && [ -n "${VIRTUAL_ENV:-${CONDA_PREFIX:-}}" ]; then
+  PY=$(command -v python)            # install into the user's own active environment
+else
+  if [ ! -x "$VENV/bin/python" ]; then
+    flags=""
+    # Let a GPU machine's system CUDA torch be seen from the venv instead of reinstalling it.
+    if has_gpu && "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+      flags="--system-site-packages"
+    fi
+    echo "[setup] creating $VENV ($PYTHON $flags)"
+    "$PYTHON" -m venv $flags "$VENV"
+  fi
+  PY="$VENV/bin/python"
+fi
+
+stamp="$($PY -c 'import sys; print(sys.prefix)')/.janusflow-installed"
+want=$(cat setup.cfg pyproject.toml | sha1sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && $PY -c "import janusflow" 2>/dev/null; then
+  exit 0
+fi
+
+torch_ok() { $PY -c "import torch, torchvision, torchvision.ops" >/dev/null 2>&1; }
+if torch_ok && $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  echo "[setup] keeping the installed CUDA torch $($PY -c 'import torch; print(torch.__version__)')"
+elif torch_ok && [ "$($PY -c 'import torch; print(torch.__version__.split("+")[0])')" = "2.14.1" ]; then
+  echo "[setup] torch 2.14.1 already installed"
+elif has_gpu; then
+  echo "[setup] GPU machine without torch: installing the default CUDA build of torch + torchvision"
+  $PY -m pip install -q torch torchvision
+else
+  echo "[setup] CPU machine: installing $CPU_TORCH"
+  $PY -m pip install -q $CPU_TORCH
+fi
+
+echo "[setup] installing janusflow and its dependencies"
+$PY -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+$PY -c "import janusflow, timm, diffusers, transformers, torchdiffeq" \
+  || { echo "[setup] the environment does not import; see the messages above" >&2; exit 1; }
+echo "$want" > "$stamp"
+echo "[setup] ready: $PY"

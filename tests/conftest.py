@@ -1,0 +1,29 @@
+"""Shared test setup: offline hubs, offline wandb, deterministic tiny models."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from janusflow.config import model_config  # noqa: E402
+from janusflow.models.janusflow import JanusFlow  # noqa: E402
+
+
+def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter (including zero-initialised GRN / beg_of_und_embed) non-trivial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture
+def tiny_model() -> JanusFlow:
+    torch.manual_seed(0)
+    return randomize(JanusFlow(model_config("tiny"))).eval()

@@ -1,0 +1,60 @@
+"""Config loading, overrides and validation errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from janusflow.config import ConfigError, Recipe, apply_overrides, from_dict, load_recipe, model_config
+
+RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_defaults_are_official():
+    cfg = model_config("janusflow-1.3b")
+    assert cfg.llm.hidden_size == 2048 and cfg.llm.num_hidden_layers == 24 and cfg.llm.vocab_size == 102400
+    assert cfg.gen_encoder.channels == 768 and cfg.gen_encoder.stride == 2 and cfg.und_encoder.width == 1024
+
+
+def test_preset_with_overrides():
+    cfg = model_config("tiny", llm={"num_hidden_layers": 3})
+    assert cfg.llm.num_hidden_layers == 3 and cfg.llm.hidden_size == 64
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"train": {"lr_typo": 1}}, "train.lr_typo"),
+        ({"train": {"zero_stage": 7}}, "train.zero_stage"),
+        ({"train": {"ema_decay": "high"}}, "train.ema_decay"),
+        ({"stages": [{"max_steps": 0}]}, "stages.0.max_steps"),
+        ({"stages": [{"policy": "stage9"}]}, "stages.0.policy"),
+        ({"model": {"preset": "huge"}}, "model.preset"),
+        ({"model": {"llm": {"hidden_size": 65}}}, "model.llm.hidden_size"),
+        ({"data": {"gen": [{"format": "parquet"}]}}, "data.gen.0.format"),
+    ],
+)
+def test_bad_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        from_dict(Recipe, data)
+    assert key in str(e.value)
+
+
+def test_overrides_dotted_and_indexed():
+    data = {"train": {"seed": 1}, "stages": [{"max_steps": 5}, {"max_steps": 6}]}
+    out = apply_overrides(data, ["train.seed=3", "stages.1.max_steps=9", "logging.project=x"])
+    assert out["train"]["seed"] == 3 and out["stages"][1]["max_steps"] == 9 and out["logging"]["project"] == "x"
+    with pytest.raises(ConfigError, match="stages.4"):
+        apply_overrides(data, ["stages.4.max_steps=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(data, ["stages"])
+
+
+def test_missing_recipe_is_clear():
+    with pytest.raises(ConfigError, match="no_such_recipe"):
+        load_recipe("no_such_recipe")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(str(path))
+    assert recipe.stages and recipe.name
