@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from janusflow.tokenizer import OFFICIAL_SYSTEM_PROMPT
+
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the offending key."""
@@ -158,6 +160,8 @@ class DataConfig:
     max_text_len: int = 512
     """Longest caption / answer / text line in tokens; longer ones are truncated and counted."""
     cfg_drop_prob: float = 0.1
+    und_system_prompt: str = OFFICIAL_SYSTEM_PROMPT
+    """System prompt of understanding conversations (the official one by default)."""
     num_workers: int = 0
     cache_latents: bool = True
     max_bad_fraction: float = 0.5
@@ -182,9 +186,7 @@ class StageConfig:
     """One training stage (Table 1 of the paper)."""
 
     name: str = "stage1"
-    policy: Literal[
-        "stage1", "stage2", "stage3", "und_only", "gen_only"
-    ] = "stage1"
+    policy: Literal["stage1", "stage2", "stage3"] = "stage1"
     """Which parameters train: janusflow.train.stages.FREEZE_POLICIES."""
     max_steps: int = 10000
     lr: float = 1e-4
@@ -275,7 +277,9 @@ class Recipe:
     codec: CodecConfig = field(default_factory=CodecConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     und_encoder_path: str | None = None
-    """A timm/official SigLIP state dict to initialise the understanding tower from."""
+    """A SigLIP state dict (official ``vision_tower.*`` keys) to initialise the understanding tower from."""
+    llm_path: str | None = None
+    """A local HF LlamaForCausalLM directory (e.g. DeepSeek-LLM-1.3B base) to initialise the LLM from."""
     data: DataConfig = field(default_factory=DataConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

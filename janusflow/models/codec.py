@@ -23,7 +23,7 @@ SDXL_VAE_CONFIG = dict(
 )
 SMALL_VAE_CONFIGS = {
     "tiny": dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, sample_size=32),
-    "shapes": dict(block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=16, sample_size=64),
+    "shapes": dict(block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64),
 }
 
 

@@ -86,7 +86,11 @@ class JanusFlow(nn.Module):
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None or pixel_values.shape[0] == 0:
             return embeds
-        images = self.encode_und_images(pixel_values).to(embeds.dtype)
+        return self.place_und_images(embeds, self.encode_und_images(pixel_values).to(embeds.dtype), image_seq_mask)
+
+    @staticmethod
+    def place_und_images(embeds: torch.Tensor, images: torch.Tensor, image_seq_mask: torch.Tensor) -> torch.Tensor:
+        """Write images [n, 1 + N, hidden] at the True positions of image_seq_mask [B, L] (in order)."""
         if int(image_seq_mask.sum()) != images.shape[0] * images.shape[1]:
             raise ValueError(
                 f"image_seq_mask marks {int(image_seq_mask.sum())} positions but {images.shape[0]} images "

@@ -1,0 +1,102 @@
+"""Atomic, resumable checkpoints of a DeepSpeed engine plus our own training state.
+
+Layout under a stage directory:
+    checkpoints/step-000100/        DeepSpeed's files (model, per-rank optimizer shards) + state.pt
+    checkpoints/latest              the tag of the newest *complete* checkpoint
+A checkpoint is written as ``step-N.tmp`` and renamed only once every rank has finished, and
+``latest`` is replaced atomically afterwards, so a kill at any point leaves the previous
+checkpoint as the one to resume from. ``state.pt`` holds the step, the EMA weights, RNG states
+and data-stream counters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TAG = re.compile(r"^step-(\d+)$")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root = Path(root)
+        self.keep = keep
+
+    def latest(self) -> str | None:
+        f = self.root / "latest"
+        if not f.exists():
+            return None
+        tag = f.read_text().strip()
+        return tag if (self.root / tag / "state.pt").exists() else None
+
+    def clean_incomplete(self) -> None:
+        """Remove leftovers of interrupted saves (rank 0, at start)."""
+        if _rank() == 0 and self.root.exists():
+            for d in self.root.glob("*.tmp"):
+                shutil.rmtree(d, ignore_errors=True)
+        _barrier()
+
+    def save(self, engine, step: int, state: dict) -> str:
+        tag = f"step-{step:06d}"
+        tmp_tag = f"{tag}.tmp"
+        if _rank() == 0:
+            shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+        if _rank() == 0:
+            torch.save(state, self.root / tmp_tag / "state.pt")
+        _barrier()
+        if _rank() == 0:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+            os.replace(self.root / tmp_tag, self.root / tag)
+            write_text_atomic(self.root / "latest", tag)
+            self._prune(tag)
+        _barrier()
+        return tag
+
+    def load(self, engine, tag: str) -> dict:
+        path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        return torch.load(self.root / tag / "state.pt", map_location="cpu", weights_only=False)
+
+    def _prune(self, newest: str) -> None:
+        tags = sorted(d.name for d in self.root.iterdir() if d.is_dir() and TAG.match(d.name))
+        for old in tags[: max(0, len(tags) - self.keep)]:
+            if old != newest:
+                shutil.rmtree(self.root / old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

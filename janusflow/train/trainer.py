@@ -1,0 +1,516 @@
+"""The training loop: stages of a recipe on a DeepSpeed engine (ZeRO 0-3, CPU or GPU).
+
+Per stage: build the model (fresh, from the previous stage, or from a model directory), apply
+the stage's freeze policy, wrap it with the REPA projector in ``TrainModule``, and run
+``deepspeed.initialize`` with a torch AdamW, warm-up + constant LR, gradient clipping and
+accumulation. Each optimizer step consumes one deterministic global batch (janusflow.data.mixture),
+updates the EMA, logs, and now and then writes a sample grid and an atomic checkpoint.
+
+Losses of a micro-batch of n samples (n_und + n_text + n_gen = n):
+    loss = (n_und * CE_und + n_text * CE_text + n_gen * (L_RF + lambda * L_REPA)) / n
+so the mixture ratio is also the weighting of the objectives.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from janusflow.config import Recipe, StageConfig, to_dict
+from janusflow.data.mixture import Batch, MixtureSchedule, MixtureStream, SampleBuilder
+from janusflow.export import export_model
+from janusflow.flow import interpolate, rf_loss
+from janusflow.imaging import save_grid
+from janusflow.models.codec import LatentCodec
+from janusflow.models.janusflow import JanusFlow
+from janusflow.models.repa import build_projector, match_grid, repa_loss
+from janusflow.tokenizer import gen_prompt, load_tokenizer
+from janusflow.train.checkpoint import CheckpointManager, rng_state, set_rng_state, write_text_atomic
+from janusflow.train.logging import RunLogger, print0
+from janusflow.train.stages import apply_freeze_policy
+
+
+class TrainModule(nn.Module):
+    """JanusFlow plus the training-only REPA projector; ``forward(batch)`` returns the losses."""
+
+    def __init__(self, model: JanusFlow, repa_weight: float, repa_layer: int, repa_hidden: int):
+        super().__init__()
+        self.model = model
+        self.repa_weight, self.repa_layer = repa_weight, repa_layer
+        self.projector = None
+        if repa_weight > 0:
+            cfg = model.config
+            if not 1 <= repa_layer <= cfg.llm.num_hidden_layers:
+                raise ValueError(f"train.repa.layer={repa_layer} is outside the LLM's 1..{cfg.llm.num_hidden_layers}")
+            self.projector = build_projector(cfg.llm.hidden_size, repa_hidden, cfg.und_encoder.width)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Always runs the same sequence of modules, whatever tasks the micro-batch holds: absent
+        parts run on a one-row placeholder whose loss is multiplied by zero. ZeRO-2 reduces gradients
+        in the order they become ready, which must therefore be the same on every rank."""
+        losses: dict[str, torch.Tensor] = {}
+        ar = batch.ar if batch.ar is not None else self._placeholder_ar()
+        gen = batch.gen if batch.gen is not None else self._placeholder_gen()
+        total = self._ar_losses(ar, batch.size, losses, real=batch.ar is not None)
+        total = total + self._gen_losses(gen, batch.size, losses, real=batch.gen is not None)
+        losses["loss"] = total
+        return losses
+
+    def _ref(self) -> torch.Tensor:
+        return self.model.vision_gen_dec_aligner.weight
+
+    def _placeholder_pixels(self) -> torch.Tensor:
+        size = self.model.config.und_encoder.image_size
+        return self._ref().new_zeros(1, 3, size, size)
+
+    def _placeholder_ar(self) -> dict:
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self._ref().device)
+        return {"input_ids": ids, "labels": ids - 100, "attention_mask": torch.ones_like(ids),
+                "pixel_values": None, "image_seq_mask": torch.zeros_like(ids, dtype=torch.bool),
+                "is_und": torch.zeros(1, dtype=torch.bool, device=ids.device)}
+
+    def _placeholder_gen(self) -> dict:
+        cfg = self.model.config.gen_encoder
+        ref = self._ref()
+        side = 2 * cfg.stride
+        latents = ref.new_zeros(1, cfg.latent_channels, side, side)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=ref.device)
+        return {"latents": latents, "noise": latents, "t": ref.new_zeros(1), "prefix_ids": ids,
+                "prefix_mask": torch.ones_like(ids), "repa_pixels": self._placeholder_pixels()}
+
+    def _ar_losses(self, ar: dict, n: int, losses: dict, real: bool) -> torch.Tensor:
+        m = self.model
+        has_images = ar["pixel_values"] is not None
+        images = m.encode_und_images(ar["pixel_values"] if has_images else self._placeholder_pixels())
+        embeds = m.embed_tokens(ar["input_ids"])
+        if has_images:
+            embeds = m.place_und_images(embeds, images.to(embeds.dtype), ar["image_seq_mask"])
+        logits = m.language_model(inputs_embeds=embeds, attention_mask=ar["attention_mask"], use_cache=False).logits
+        placeholder = 0.0 * images.sum() if not has_images else 0.0
+        if not real:
+            return placeholder + 0.0 * logits.sum()
+        labels = ar["labels"][:, 1:]
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        per_sample = ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
+        total = per_sample.new_zeros(()) + placeholder
+        for task, rows in (("und", ar["is_und"]), ("text", ~ar["is_und"])):
+            if rows.any():
+                loss = per_sample[rows].mean()
+                losses[f"loss_{task}"] = loss.detach()
+                total = total + rows.sum() / n * loss
+        return total
+
+    def _gen_losses(self, gen: dict, n: int, losses: dict, real: bool) -> torch.Tensor:
+        z_t, target = interpolate(gen["latents"], gen["noise"], gen["t"])
+        prefix = self.model.embed_tokens(gen["prefix_ids"])
+        layer = self.repa_layer if self.projector is not None else None
+        v, hidden = self.model.forward_gen(prefix, gen["prefix_mask"], z_t, gen["t"], hidden_layer=layer)
+        loss = rf_loss(v, target)
+        if real:
+            losses["loss_rf"] = loss.detach()
+        if self.projector is not None:
+            with torch.no_grad():
+                feats = self.model.vision_und_enc_model(gen["repa_pixels"])
+            side = int(round(hidden.shape[1] ** 0.5))
+            align = repa_loss(self.projector(hidden), match_grid(feats, (side, side)))
+            if real:
+                losses["loss_repa"] = align.detach()
+            loss = loss + self.repa_weight * align
+        return gen["latents"].shape[0] / n * loss if real else 0.0 * loss
+
+
+class EMA:
+    """Exponential moving average of the model weights (fp32). Every rank keeps one (under ZeRO-3
+    the parameter gather is collective); rank 0 saves it."""
+
+    def __init__(self, model: JanusFlow, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: JanusFlow, names: list[str]) -> None:
+        params = dict(model.named_parameters())
+        own = dict(self.model.named_parameters())
+        gathered = [params[n] for n in names]
+        with _gathered(gathered):
+            for name, p in zip(names, gathered):
+                own[name].lerp_(p.detach().float().to(own[name].device), 1.0 - self.decay)
+
+
+def _gathered(params):
+    """ZeRO-3 partitions parameters; gather them for reading (a no-op context otherwise)."""
+    if params and hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A complete CPU state dict, also under ZeRO-3 (collective: call on every rank)."""
+    with _gathered(list(model.parameters())):
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed, also for a plain single `python` process."""
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (the module; the name itself resolves to the torch package)
+    from deepspeed.accelerator import get_accelerator
+
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu:
+        # DeepSpeed's shared-memory allreduce is JIT-compiled (~2 min on 2 cores) for little gain here;
+        # gloo does the collectives instead.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    local = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cpu") if on_cpu else torch.device(get_accelerator().device_name(local))
+    if not on_cpu:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    dir: Path
+    steps: int
+    last_metrics: dict
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: str = "auto", group: str | None = None, run_name: str | None = None,
+                 stop_after_steps: int | None = None):
+        self.recipe = recipe
+        self.resume = resume
+        self.steps_left = stop_after_steps  # optimizer steps this invocation may run (time-limited jobs)
+        self.run_dir = recipe.resolved_run_dir
+        self.rank, self.world, self.device = init_distributed()
+        self.dtype = self._dtype()
+        self.group, self.run_name = group, run_name or recipe.name
+
+    def _dtype(self) -> torch.dtype:
+        want = self.recipe.train.dtype
+        if want == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return getattr(torch, want)
+
+    # -------------------------------------------------------------- set-up
+
+    def setup(self) -> None:
+        from janusflow.data.latent_cache import LatentCache
+        from janusflow.train.prep import cache_root, config_hash, prepare
+
+        r = self.recipe
+        self._check_run_dir()
+        if self.rank == 0:
+            self.prep = prepare(r, print0)
+        _barrier()
+        if self.rank != 0:
+            self.prep = prepare(r, lambda *_: None)  # every artefact exists now: just reads the paths
+        self.tokenizer = load_tokenizer(r.tokenizer.path, r.tokenizer.kind, r.model.llm.vocab_size)
+        if self.tokenizer.vocab_size > r.model.llm.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.llm.vocab_size is "
+                             f"{r.model.llm.vocab_size}")
+        codec_cfg = dataclasses.replace(r.codec, path=self.prep["codec_path"])
+        torch.manual_seed(r.train.seed)  # an untrained codec (tests) must be the same on every rank
+        self.codec = LatentCodec.from_config(codec_cfg).to(self.device)
+        self.sources = self._open_sources()
+        self.latent_cache = None
+        if r.data.cache_latents and self.sources.get("gen"):
+            key = config_hash(str(self.prep["codec_path"]), to_dict(r.codec), r.model.gen_image_size)
+            paths = [cache_root(r) / f"latents-{key}-{config_hash(s.path)}.pt" for s in self._gen_source_cfgs()]
+            if self.rank == 0:
+                LatentCache.build(self.sources["gen"], self.codec, r.model.gen_image_size, paths)
+            _barrier()
+            self.latent_cache = LatentCache.build(self.sources["gen"], self.codec, r.model.gen_image_size, paths)
+        self.logger = RunLogger(self.run_dir, r.logging, to_dict(r), enabled=self.rank == 0,
+                                run_name=self.run_name, group=self.group)
+        if self.rank == 0:
+            (self.run_dir / "recipe.json").write_text(json.dumps(to_dict(r), indent=2))
+
+    def _check_run_dir(self) -> None:
+        stages_dir = self.run_dir / "stages"
+        if self.resume == "none" and stages_dir.exists() and any(stages_dir.iterdir()):
+            raise FileExistsError(f"{self.run_dir} already holds a run; use --resume auto to continue it, or "
+                                  f"another run_dir")
+        if self.rank == 0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / ".write-test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                raise OSError(f"the run directory {self.run_dir} is not writable: {e}") from None
+
+    def _gen_source_cfgs(self):
+        return self._source_cfgs()["gen"]
+
+    def _source_cfgs(self) -> dict:
+        r = self.recipe
+        cfgs = {"und": list(r.data.und), "gen": list(r.data.gen), "text": list(r.data.text)}
+        data_dir = self.prep.get("data_dir")
+        for task in cfgs:
+            for s in cfgs[task]:
+                if data_dir is not None and "{shapes}" in s.path:
+                    s.path = s.path.replace("{shapes}", str(data_dir))
+        return cfgs
+
+    def _open_sources(self) -> dict:
+        from janusflow.data.sources import open_source
+
+        out = {}
+        for task, cfgs in self._source_cfgs().items():
+            out[task] = []
+            for s in cfgs:
+                src = open_source(s.path, s.format, s.image_root)
+                src.weight = s.weight
+                out[task].append(src)
+        return out
+
+    # -------------------------------------------------------------- model
+
+    def build_model(self, index: int, stage: StageConfig) -> tuple[JanusFlow, JanusFlow | None]:
+        """The stage's starting weights, and the EMA weights to continue from (or None)."""
+        r = self.recipe
+        init = stage.init_from
+        if index > 0 and init == "previous":
+            prev = self.stage_dir(index - 1)
+            model = JanusFlow.from_pretrained(prev / "final")
+            ema = JanusFlow.from_pretrained(prev / "final_ema") if (prev / "final_ema").exists() else None
+            return model, ema
+        if init not in (None, "previous"):
+            return JanusFlow.from_pretrained(init), None
+        torch.manual_seed(r.train.seed)
+        model = JanusFlow(r.model)
+        if r.llm_path:
+            from transformers import LlamaForCausalLM
+
+            llm = LlamaForCausalLM.from_pretrained(r.llm_path)
+            model.language_model.load_state_dict(llm.state_dict())
+        if self.prep.get("und_encoder_path"):
+            state = torch.load(self.prep["und_encoder_path"], map_location="cpu", weights_only=True)
+            model.vision_und_enc_model.load_state_dict(state)
+        return model, None
+
+    def stage_dir(self, index: int) -> Path:
+        return self.run_dir / "stages" / f"{index + 1}-{self.recipe.stages[index].name}"
+
+    def _ds_config(self, stage: StageConfig) -> dict:
+        r = self.recipe
+        per_step = stage.micro_batch_size * self.world
+        if stage.batch_size % per_step:
+            raise ValueError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by "
+                             f"micro_batch_size {stage.micro_batch_size} x {self.world} ranks")
+        cfg = {}
+        if r.train.deepspeed_config:
+            cfg = json.loads(Path(r.train.deepspeed_config).read_text())
+        cfg.update({
+            "train_batch_size": stage.batch_size,
+            "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+            "gradient_accumulation_steps": stage.batch_size // per_step,
+            "gradient_clipping": r.train.grad_clip,
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "steps_per_print": 10**9,
+            "zero_allow_untested_optimizer": True,
+        })
+        cfg.setdefault("zero_optimization", {})["stage"] = r.train.zero_stage
+        return cfg
+
+    # -------------------------------------------------------------- the loop
+
+    def run(self) -> list[StageResult]:
+        self.setup()
+        results = []
+        for i, stage in enumerate(self.recipe.stages):
+            results.append(self.run_stage(i, stage))
+            if self.steps_left == 0:
+                print0(f"stopped after the requested number of steps; resume with --resume auto ({self.run_dir})")
+                self.logger.finish()
+                return results
+        if self.rank == 0:
+            last = self.stage_dir(len(self.recipe.stages) - 1)
+            model = JanusFlow.from_pretrained(last / "final_ema")
+            out = export_model(self.run_dir / "export", model, self.codec.cpu(), self.tokenizer,
+                               self.recipe.data.und_system_prompt)
+            self.codec.to(self.device)
+            print0(f"exported the EMA model to {out}")
+        _barrier()
+        self.logger.finish()
+        return results
+
+    def global_step_offset(self, index: int) -> int:
+        return sum(s.max_steps for s in self.recipe.stages[:index])
+
+    def run_stage(self, index: int, stage: StageConfig) -> StageResult:
+        import deepspeed
+
+        r = self.recipe
+        sdir = self.stage_dir(index)
+        if (sdir / "final_ema" / "model.safetensors").exists():
+            print0(f"stage {stage.name}: already complete ({sdir}), skipping")
+            return StageResult(stage.name, sdir, stage.max_steps, {})
+        model, ema_init = self.build_model(index, stage)
+        trainable = apply_freeze_policy(model, stage.policy)
+        repa_weight = r.train.repa.weight if stage.repa_weight is None else stage.repa_weight
+        module = TrainModule(model, repa_weight, r.train.repa.layer, r.train.repa.hidden_dim)
+        if r.train.gradient_checkpointing:
+            model.language_model.gradient_checkpointing_enable()
+        ema = EMA(ema_init if ema_init is not None else model, r.train.ema_decay)
+        ema.model.to(self.device)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(r.train.betas),
+                                      weight_decay=r.train.weight_decay)
+        warmup = max(stage.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=self._ds_config(stage))
+        ckpt = CheckpointManager(sdir / "checkpoints", keep=r.train.keep_checkpoints)
+        ckpt.clean_incomplete()
+        stream = self._stream(stage, index)
+        start = 0
+        tag = ckpt.latest() if self.resume != "none" else None
+        if tag is not None:
+            state = ckpt.load(engine, tag)
+            start = state["step"]
+            set_rng_state(state["rng"])
+            stream.stats.update(state.get("data_stats", {}))
+            ema.model.load_state_dict(state["ema"])
+            self.logger.truncate_after(stage.name, start)
+            print0(f"stage {stage.name}: resumed from {sdir / 'checkpoints' / tag} at step {start}")
+        print0(f"stage {stage.name}: {len(trainable)} trainable tensors "
+               f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), {stage.max_steps} steps, "
+               f"batch {stage.batch_size}, REPA weight {repa_weight}, world {self.world}, {self.dtype}")
+        self.logger.start_bar(stage.name, start, stage.max_steps)
+        metrics: dict = {}
+        for step in range(start, stage.max_steps):
+            t0 = time.time()
+            sums: dict[str, list[float]] = {}
+            for micro in stream.micro_batches(step, stage.batch_size, stage.micro_batch_size, self.rank, self.world):
+                micro = self._prepare_batch(micro)
+                losses = engine(micro)
+                engine.backward(losses["loss"])
+                engine.step()
+                for k, v in losses.items():
+                    sums.setdefault(k, []).append(float(v.detach()))
+            ema.update(engine.module.model, trainable)
+            done = step + 1
+            metrics = self._reduce_metrics(sums)
+            metrics.update(step_time=time.time() - t0, lr=scheduler.get_last_lr()[0])
+            if done % r.logging.log_every == 0 or done == stage.max_steps:
+                metrics.update({f"data/{k}": v for k, v in (stream.stats | stream.builder.stats).items()})
+                self.logger.log(stage.name, done, self.global_step_offset(index) + done, metrics)
+            self.logger.update_bar(done, metrics)
+            if r.logging.sample_every and done % r.logging.sample_every == 0 and done != stage.max_steps:
+                self.sample_grid(ema, stage.name, done, index)
+            if self.steps_left is not None:
+                self.steps_left -= 1
+            if done % r.train.save_every == 0 or done == stage.max_steps or self.steps_left == 0:
+                self.save(ckpt, engine, done, ema, stream)
+            if self.steps_left == 0:
+                self.logger.close_bar()
+                return StageResult(stage.name, sdir, done, metrics)
+        self.logger.close_bar()
+        self.sample_grid(ema, stage.name, stage.max_steps, index)
+        raw = full_state_dict(engine.module.model)
+        if self.rank == 0:
+            final_model = engine.module.model
+            final_model.save_pretrained(sdir / "final", state_dict=raw)
+            ema.model.save_pretrained(sdir / "final_ema")
+            write_text_atomic(sdir / "final_ema" / "stage.json", json.dumps({"steps": stage.max_steps, **metrics}))
+        _barrier()
+        del engine
+        return StageResult(stage.name, sdir, stage.max_steps, metrics)
+
+    def _stream(self, stage: StageConfig, index: int) -> MixtureStream:
+        r = self.recipe
+        num_tokens = (r.model.und_encoder.image_size // r.model.und_encoder.patch_size) ** 2
+        builder = SampleBuilder(self.tokenizer, r.model, r.data, r.data.und_system_prompt, num_tokens)
+        return MixtureStream(self.sources, builder, MixtureSchedule(stage.mixture), seed=r.train.seed + 1000 * index,
+                             cfg_drop_prob=r.data.cfg_drop_prob, time_cfg=r.train.time_sampling,
+                             latent_cache=self.latent_cache, max_bad_fraction=r.data.max_bad_fraction)
+
+    def _prepare_batch(self, batch: Batch) -> Batch:
+        gen = batch.gen
+        if gen is not None:
+            if "latents" not in gen:
+                gen["latents"] = self.codec.encode(gen.pop("images").to(self.device)).float().cpu()
+            g = torch.Generator().manual_seed(gen["noise_seed"])
+            gen["noise"] = torch.randn(gen["latents"].shape, generator=g)
+        return batch.to(self.device, self.dtype)
+
+    def _reduce_metrics(self, sums: dict[str, list[float]]) -> dict[str, float]:
+        """Mean over this step's micro-batches and ranks, per loss."""
+        keys = sorted(sums)
+        local = torch.tensor([[sum(sums[k]), len(sums[k])] for k in keys], dtype=torch.float64)
+        if self.world > 1:
+            names = [None] * self.world
+            dist.all_gather_object(names, keys)
+            keys = sorted(set().union(*names))
+            local = torch.tensor([[sum(sums.get(k, [])), len(sums.get(k, []))] for k in keys], dtype=torch.float64)
+            dist.all_reduce(local)
+        return {k: (local[i, 0] / local[i, 1]).item() for i, k in enumerate(keys) if local[i, 1] > 0}
+
+    def save(self, ckpt: CheckpointManager, engine, step: int, ema: EMA, stream: MixtureStream) -> None:
+        state = {"step": step, "rng": rng_state(), "data_stats": dict(stream.stats), "ema": ema.model.state_dict()}
+        ckpt.save(engine, step, state)
+
+    @torch.no_grad()
+    def sample_grid(self, ema: EMA, stage: str, step: int, index: int) -> Path | None:
+        from janusflow.sampling import sample_latents, to_uint8
+
+        prompts = self.recipe.logging.sample_prompts
+        if self.rank != 0 or not prompts:
+            return None
+        from PIL import Image
+
+        r, tok, model = self.recipe, self.tokenizer, ema.model
+        ids = [tok.encode(gen_prompt(p)) for p in prompts]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), tok.pad_id)
+        mask = torch.zeros_like(input_ids)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x):], mask[i, width - len(x):] = torch.tensor(x), 1
+        shape = self.codec.latent_shape(r.model.gen_image_size)
+        noise = torch.randn(len(prompts), *shape, generator=torch.Generator().manual_seed(r.train.seed))
+        latents = sample_latents(model, input_ids.to(self.device), noise.to(self.device), steps=r.logging.sample_steps,
+                                 cfg_weight=r.logging.sample_cfg, pad_id=tok.pad_id,
+                                 attention_mask=mask.to(self.device))
+        images = [Image.fromarray(a.numpy()) for a in to_uint8(self.codec.decode(latents.float()))]
+        path = save_grid(images, self.run_dir / "samples" / f"{index + 1}-{stage}-step{step:06d}.png", prompts)
+        self.logger.log_image("samples", path, f"{stage} step {step}", self.global_step_offset(index) + step)
+        return path
+

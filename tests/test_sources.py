@@ -1,0 +1,350 @@
+"""Readers of real dataset formats: the shapes dataset through every reader, broken data skipped and counted,
+image modes converted, and the generation / understanding transforms."""
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from janusflow.data import shapes as S
+from janusflow.data.sources import (
+    CaptionJsonlSource,
+    CaptionRecord,
+    ConversationRecord,
+    LlavaJsonSource,
+    TextJsonlSource,
+    TextRecord,
+    WebDatasetSource,
+    expand_braces,
+    gen_transform,
+    open_source,
+    und_transform,
+)
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    return S.write_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", 30, 5, 32, 2, seed=1, shard_size=10)
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    return np.asarray(img)
+
+
+def read_all(ds):
+    records = [ds[i] for i in range(len(ds))]
+    return records
+
+
+# ----------------------------------------------------------------------------- the shapes dataset, every format
+
+
+def test_every_format_reads_the_shapes_dataset(shapes_root):
+    truth = [json.loads(line) for line in (shapes_root / "scenes_train.jsonl").read_text().splitlines()]
+    und_json = json.loads((shapes_root / "und_train.json").read_text())
+
+    und = open_source(shapes_root / "und_train.json", "llava_json")
+    caps = open_source(shapes_root / "gen_train.jsonl", "caption_jsonl")
+    wds = open_source(shapes_root / "gen_train-{00000..00002}.tar", "webdataset")
+    text = open_source(str(shapes_root / "text_train.jsonl"), "text_jsonl")
+    assert len(und) == len(caps) == len(wds) == len(text) == 30
+
+    for i in range(30):
+        scene = S.Scene.from_dict(truth[i])
+        u, c, w, t = und[i], caps[i], wds[i], text[i]
+        assert isinstance(u, ConversationRecord) and isinstance(c, CaptionRecord) and isinstance(w, CaptionRecord)
+        assert isinstance(t, TextRecord) and t.text.endswith(".")
+        for img in (u.image, c.image, w.image):
+            assert img.mode == "RGB" and np.array_equal(pixels(img), pixels(S.render(scene, 32)))
+        assert c.caption == w.caption == truth[i]["caption"]
+        conv = und_json[i]["conversations"]
+        assert u.turns == [
+            ("user" if t["from"] == "human" else "assistant", t["value"].replace("<image>\n", "")) for t in conv
+        ]
+        assert [r for r, _ in u.turns] == ["user", "assistant"] * (len(conv) // 2)
+        assert not any("<image>" in text for _, text in u.turns)
+    for ds in (und, caps, wds, text):
+        assert ds.stats == {"ok": 30}
+
+
+def test_webdataset_accepts_globs_folders_and_lists(shapes_root):
+    shards = sorted(shapes_root.glob("gen_train-*.tar"))
+    assert len(WebDatasetSource(str(shapes_root / "gen_train-*.tar"))) == 30
+    assert len(WebDatasetSource(shards[:2])) == 20
+    assert len(WebDatasetSource(shards[2])) == 10
+    folder = shapes_root.parent / "only_shards"
+    folder.mkdir()
+    for s in shards:
+        (folder / s.name).write_bytes(s.read_bytes())
+    assert len(open_source(folder, "webdataset")) == 30
+    assert expand_braces("a-{08..10}-{x,y}.tar") == [
+        "a-08-x.tar",
+        "a-08-y.tar",
+        "a-09-x.tar",
+        "a-09-y.tar",
+        "a-10-x.tar",
+        "a-10-y.tar",
+    ]
+
+
+def test_open_source_names_the_problem(tmp_path, shapes_root):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        open_source(tmp_path / "nope.json", "llava_json")
+    with pytest.raises(ValueError, match="parquet.*gen_train.jsonl"):
+        open_source(shapes_root / "gen_train.jsonl", "parquet")
+    with pytest.raises(FileNotFoundError, match="missing-"):
+        open_source(tmp_path / "missing-{000..002}.tar", "webdataset")
+    with pytest.raises(FileNotFoundError, match="no_such_root"):
+        open_source(shapes_root / "gen_train.jsonl", "caption_jsonl", image_root=str(tmp_path / "no_such_root"))
+    (tmp_path / "broken.json").write_text('[{"image": "a.png", ')
+    with pytest.raises(ValueError, match="broken.json"):
+        open_source(tmp_path / "broken.json", "llava_json")
+
+
+# ----------------------------------------------------------------------------- broken and unusual images
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def odd_images() -> dict[str, tuple[bytes | None, tuple[int, int, int] | None]]:
+    """name -> (file bytes or None for a missing file, expected RGB of pixel (0, 0) or None when it must fail)."""
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red: white after compositing
+    rgba.putpixel((1, 0), (255, 0, 0, 255))
+    half = Image.new("RGBA", (8, 8), (0, 0, 255, 128))
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.putpixel((0, 0), 0)
+    grey16 = Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16))
+    good = png_bytes(S.render(S.Scene([S.ShapeObject("circle", "red", 0.5, 0.5, 0.5)]), 32))
+    return {
+        "good.png": (good, S.BACKGROUND),
+        "cmyk.tif": (png_bytes(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "TIFF"), (255, 0, 0)),
+        "cmyk.jpg": (png_bytes(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), None),
+        "grey.png": (png_bytes(Image.new("L", (8, 8), 100)), (100, 100, 100)),
+        "bilevel.png": (png_bytes(Image.new("1", (8, 8), 1)), (255, 255, 255)),
+        "rgba.png": (png_bytes(rgba), (255, 255, 255)),
+        "half_alpha.png": (png_bytes(half), (127, 127, 255)),
+        "la.png": (png_bytes(Image.new("LA", (8, 8), (0, 0))), (255, 255, 255)),
+        "palette_transparent.png": (png_bytes(pal), (255, 255, 255)),
+        "grey16.png": (png_bytes(grey16), (128, 128, 128)),
+        "truncated.png": (good[: len(good) // 2], None),
+        "zero.png": (b"", None),
+        "not_an_image.png": (b"hello, I am text" * 10, None),
+        "missing.png": (None, None),
+    }
+
+
+def write_images(folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = odd_images()
+    for name, (data, _) in cases.items():
+        if data is not None:
+            (folder / name).write_bytes(data)
+    return cases
+
+
+def check_converted(records, cases):
+    for (name, (_, expected)), rec in zip(cases.items(), records):
+        if name == "cmyk.jpg":  # lossy and encoder-dependent: only the mode and rough colour are checked
+            assert rec.image.mode == "RGB" and pixels(rec.image)[0, 0, 0] > 200 and pixels(rec.image)[0, 0, 1] < 60
+        elif expected is None:
+            assert rec is None, name
+        else:
+            assert rec is not None and rec.image.mode == "RGB", name
+            assert tuple(int(v) for v in pixels(rec.image)[0, 0]) == pytest.approx(expected, abs=1), name
+    rgba = next(r for (n, _), r in zip(cases.items(), records) if n == "rgba.png")
+    assert tuple(pixels(rgba.image)[0, 1]) == (255, 0, 0)
+
+
+def test_caption_jsonl_skips_and_counts_bad_records(tmp_path):
+    cases = write_images(tmp_path / "imgs")
+    lines = [json.dumps({"image": name, "caption": f" caption of {name} "}) for name in cases]
+    lines += [
+        '{"image": "good.png", "caption": "broken json',
+        json.dumps({"image": "good.png", "caption": "   "}),
+        json.dumps({"image": "good.png"}),
+        json.dumps(["not", "a", "dict"]),
+        "",
+        json.dumps({"caption": "no image field"}),
+        b"\xff\xfe not utf-8".decode("latin-1"),
+    ]
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    ds = open_source(tmp_path / "caps.jsonl", "caption_jsonl", image_root=tmp_path / "imgs")
+    assert ds.stats["bad_json"] == 2 and len(ds) == len(cases) + 4
+    records = read_all(ds)
+    check_converted(records, cases)
+    assert records[0].caption == "caption of good.png"
+    assert records[len(cases) :] == [None] * 4
+    assert ds.stats == {"ok": 10, "bad_json": 2, "bad_image": 3, "missing_file": 1, "empty_text": 2, "bad_record": 2}
+    assert "truncated" in ds.last_error["bad_image"] or "not_an_image" in ds.last_error["bad_image"]
+
+
+def test_llava_json_skips_and_counts_bad_records(tmp_path):
+    cases = write_images(tmp_path / "imgs")
+    convo = [{"from": "human", "value": "<image>\n  What is this? "}, {"from": "gpt", "value": " a shape \n"}]
+    entries = [{"id": n, "image": n, "conversations": convo} for n in cases]
+    entries += [
+        {"id": "text only", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {
+            "id": "openai style",
+            "image": ["good.png"],
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "<image>Q"},
+                {"role": "assistant", "content": "A"},
+            ],
+        },
+        {"id": "no answer", "image": "good.png", "conversations": [{"from": "human", "value": "<image>\nQ"}]},
+        {"id": "empty", "image": "good.png", "conversations": []},
+        {"id": "blank answer", "image": "good.png", "conversations": convo[:1] + [{"from": "gpt", "value": " "}]},
+        {"id": "bad role", "image": "good.png", "conversations": [{"from": "robot", "value": "x"}] + convo[1:]},
+        {"id": "placeholder, no image", "conversations": convo},
+        {"id": "two images", "image": ["good.png", "grey.png"], "conversations": convo},
+        "not a dict",
+    ]
+    (tmp_path / "und.json").write_text(json.dumps(entries))
+    ds = LlavaJsonSource(tmp_path / "und.json", image_root=tmp_path / "imgs")
+    records = read_all(ds)
+    check_converted(records, cases)
+    assert records[0].turns == [("user", "What is this?"), ("assistant", "a shape")]
+    text_only, openai = records[len(cases)], records[len(cases) + 1]
+    assert text_only.image is None and text_only.turns == [("user", "hi"), ("assistant", "hello")]
+    assert openai.image.size == (32, 32) and openai.turns == [("user", "Q"), ("assistant", "A")]
+    assert records[len(cases) + 2 :] == [None] * 7
+    assert ds.stats == {
+        "ok": 12,
+        "bad_image": 3,
+        "missing_file": 1,
+        "empty_conversation": 3,
+        "bad_record": 2,
+        "missing_image": 1,
+        "multi_image": 1,
+    }
+
+    # the JSONL variant counts broken lines at init
+    (tmp_path / "und.jsonl").write_text(json.dumps(entries[0]) + "\n{broken\n" + json.dumps(entries[1]) + "\n")
+    ds = LlavaJsonSource(tmp_path / "und.jsonl", image_root=tmp_path / "imgs")
+    assert len(ds) == 2 and ds.stats == {"bad_json": 1}
+
+
+def tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_skips_and_counts_bad_samples(tmp_path):
+    cases = odd_images()
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (name, (data, _)) in enumerate(cases.items()):
+            if data is not None:
+                tar_add(tar, f"s{i:03d}.{name.rsplit('.', 1)[1]}", data)
+            tar_add(tar, f"s{i:03d}.txt", f"caption {name}".encode())
+        good = cases["good.png"][0]
+        tar_add(tar, "sub/dir/j.png", good)
+        tar_add(tar, "sub/dir/j.json", json.dumps({"caption": "from json"}).encode())
+        tar_add(tar, "nocap.png", good)
+        tar_add(tar, "badjson.png", good)
+        tar_add(tar, "badjson.json", b"{nope")
+        tar_add(tar, "emptycap.png", good)
+        tar_add(tar, "emptycap.txt", b"  \n")
+    ds = WebDatasetSource(str(shard))
+    records = read_all(ds)
+    assert len(ds) == len(cases) + 4
+    check_converted(records[: len(cases)], cases)
+    assert records[0].caption == "caption good.png"
+    assert records[len(cases)].caption == "from json" and records[len(cases) + 1 :] == [None] * 3
+    assert ds.stats == {"ok": 11, "bad_image": 3, "missing_file": 1, "empty_text": 2, "bad_json": 1}
+
+    # shards cut short: the samples before the damage stay readable and the shard is counted as bad
+    small = tmp_path / "small.tar"
+    with tarfile.open(small, "w") as tar:
+        for key in ("a", "b"):
+            tar_add(tar, f"{key}.txt", f"caption {key}".encode())
+            tar_add(tar, f"{key}.png", good)
+    members = tarfile.open(small).getmembers()
+    data = small.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: members[3].offset_data + members[3].size // 2])  # in b.png
+    cut = WebDatasetSource(tmp_path / "cut.tar")
+    assert cut.stats == {"bad_shard": 1} and "cut.tar" in cut.last_error["bad_shard"]
+    assert len(cut) == 2 and cut[0].caption == "caption a" and cut[1] is None
+    assert cut.stats == {"bad_shard": 1, "ok": 1, "bad_image": 1} and "early" in cut.last_error["bad_image"]
+    (tmp_path / "cut2.tar").write_bytes(data[: members[2].offset])  # between two members: tarfile sees no error
+    cut2 = WebDatasetSource(tmp_path / "cut2.tar")
+    assert cut2.stats == {"bad_shard": 1} and "truncated" in cut2.last_error["bad_shard"]
+    assert [r.caption for r in read_all(cut2)] == ["caption a"]
+    assert WebDatasetSource(small).stats == {}
+
+
+def test_text_jsonl_skips_and_counts_bad_lines(tmp_path):
+    (tmp_path / "t.jsonl").write_text(
+        '{"text": " one line. "}\n{"text": ""}\n{broken\n"a bare string"\n{"txt": "wrong key"}\n7\n\n'
+    )
+    ds = TextJsonlSource(tmp_path / "t.jsonl")
+    assert len(ds) == 5 and ds.stats == {"bad_json": 1}
+    assert read_all(ds) == [TextRecord("one line."), None, TextRecord("a bare string"), None, None]
+    assert ds.stats == {"bad_json": 1, "ok": 2, "empty_text": 2, "bad_record": 1}
+    assert ds[-1] is None and list(ds)[0] == TextRecord("one line.")
+    with pytest.raises(IndexError):
+        ds[5]
+
+
+def test_caption_source_default_image_root_is_the_files_folder(tmp_path):
+    write_images(tmp_path / "d" / "imgs")
+    (tmp_path / "d" / "caps.jsonl").write_text(json.dumps({"image": "imgs/good.png", "text": "t"}) + "\n")
+    assert CaptionJsonlSource(tmp_path / "d" / "caps.jsonl")[0].caption == "t"
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_gen_transform_resizes_the_short_side_and_crops():
+    img = Image.fromarray(np.tile(np.linspace(0, 255, 200, dtype=np.uint8)[None, :, None], (100, 1, 3)))
+    a = gen_transform(img, 64, random.Random(0))
+    b = gen_transform(img, 64, random.Random(0))
+    assert a.shape == (3, 64, 64) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert -1.0 <= a.min() and a.max() <= 1.0
+    crops = {round(float(gen_transform(img, 64, random.Random(s))[0, 0, 0]), 3) for s in range(20)}
+    assert len(crops) > 5  # the horizontal crop offset varies (short side 100 -> 64, long side 200 -> 128)
+    centre = gen_transform(img, 64, None)
+    assert float(centre[0, 0, 32]) == pytest.approx(0.0, abs=0.03)  # middle of a 0..255 ramp is 0 in [-1, 1]
+    solid = gen_transform(Image.new("RGB", (20, 30), (255, 0, 0)), 32, random.Random(1))
+    assert solid.shape == (3, 32, 32)
+    assert torch.allclose(solid, torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 32, 32), atol=1e-6)
+
+
+def test_und_transform_pads_with_the_mean_colour():
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))
+    x = und_transform(wide, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert x.shape == (3, 32, 32)
+    # resized to 32 x 16 and centred: rows 0-7 and 24-31 are padding of colour int(0.5 * 255) = 127
+    pad = (127 / 255 - 0.5) / 0.5
+    assert torch.allclose(x[:, :8], torch.full((3, 8, 32), pad)) and torch.allclose(
+        x[:, 24:], torch.full((3, 8, 32), pad)
+    )
+    assert torch.allclose(x[:, 8:24], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 32), atol=1e-6)
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    tall = Image.new("RGB", (10, 40), (0, 0, 0))
+    y = und_transform(tall, 40, mean, std)
+    background = torch.tensor([int(m * 255) / 255 for m in mean])
+    expected = (background - torch.tensor(mean)) / torch.tensor(std)
+    assert torch.allclose(y[:, :, 0], expected.view(3, 1).expand(3, 40), atol=1e-6)  # left padding column
+    assert torch.allclose(y[:, 20, 20], -torch.tensor(mean) / torch.tensor(std), atol=1e-6)  # black image centre
+
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    z = und_transform(square, 48)
+    ref = torch.from_numpy(np.asarray(square).astype(np.float32) / 255).permute(2, 0, 1) * 2 - 1
+    assert torch.allclose(z, ref, atol=1e-6)

@@ -1,0 +1,236 @@
+"""Training: freeze policies, REPA on/off, the mixture stream, full runs, exact resume, 2 ranks."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from janusflow.config import MixturePhase, TimeSamplingConfig, load_recipe
+from janusflow.data.mixture import MixtureSchedule, MixtureStream, SampleBuilder
+from janusflow.data.sources import open_source
+from janusflow.models.janusflow import JanusFlow
+from janusflow.tokenizer import ByteTokenizer
+from janusflow.train.stages import NEW_PARTS, apply_freeze_policy
+from janusflow.train.trainer import TrainModule
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(rows: list[dict], stage: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows if r["stage"] == stage}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JANUSFLOW_CACHE", str(tmp_path / "_cache"))
+    return tmp_path / "_cache"
+
+
+def run_tiny(run_dir: Path, overrides=(), stop_after=None, resume="auto"):
+    from janusflow.train.trainer import Trainer
+
+    recipe = load_recipe("tiny", [f"run_dir={run_dir}", *overrides])
+    return Trainer(recipe, resume=resume, stop_after_steps=stop_after).run()
+
+
+# ----------------------------------------------------------------------------- freeze policies
+
+
+@pytest.mark.parametrize("policy", ["stage1", "stage2", "stage3"])
+def test_freeze_policy_trains_exactly_the_intended_parameters(policy, tiny_model):
+    trainable = set(apply_freeze_policy(tiny_model, policy))
+    names = {n for n, _ in tiny_model.named_parameters()}
+    if policy == "stage1":
+        expected = {n for n in names if n.split(".")[0] in NEW_PARTS}
+        assert not any(n.startswith(("language_model.", "vision_und_enc_model.")) for n in trainable)
+    elif policy == "stage2":
+        expected = {n for n in names if not n.startswith("vision_und_enc_model.")}
+    else:
+        expected = {n for n in names if ".attn_pool." not in n}  # the unused SigLIP pooling head
+    assert trainable == expected
+    # One real optimizer step on a mixed batch changes exactly the trainable tensors.
+    module = TrainModule(tiny_model.train(), repa_weight=1.0, repa_layer=1, repa_hidden=16)
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    module(_mixed_batch()).get("loss").backward()
+    opt.step()
+    changed = {n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+def _stream(tmp_path: Path, phases, gen_path=None, seed=0, cfg_drop=0.1) -> MixtureStream:
+    from janusflow.data.shapes import write_shapes_dataset
+
+    data = write_shapes_dataset(tmp_path / "shapes", num_train=24, num_val=4, image_size=32, max_objects=2, seed=0)
+    cfg = load_recipe("tiny")
+    tok = ByteTokenizer()
+    builder = SampleBuilder(tok, cfg.model, cfg.data, "", 16)
+    sources = {"und": [open_source(f"{data}/und_train.json", "llava_json")],
+               "gen": [open_source(gen_path or f"{data}/gen_train.jsonl", "caption_jsonl")],
+               "text": [open_source(f"{data}/text_train.jsonl", "text_jsonl")]}
+    return MixtureStream(sources, builder, MixtureSchedule(phases), seed=seed, cfg_drop_prob=cfg_drop,
+                         time_cfg=TimeSamplingConfig())
+
+
+def _mixed_batch():
+    import tempfile
+
+    stream = _stream(Path(tempfile.mkdtemp()), [MixturePhase(und=1, gen=2, text=1)])
+    batch = next(stream.micro_batches(0, 8, 8))
+    from janusflow.models.codec import LatentCodec, vae_config
+
+    codec = LatentCodec(__import__("diffusers").AutoencoderKL.from_config(vae_config("tiny")))
+    batch.gen["latents"] = codec.encode(batch.gen.pop("images"))
+    batch.gen["noise"] = torch.randn_like(batch.gen["latents"])
+    return batch
+
+
+# ----------------------------------------------------------------------------- REPA
+
+
+def test_repa_off_computes_no_projector_and_no_siglip_pass(tiny_model):
+    batch = _mixed_batch()
+    calls = []
+    tiny_model.vision_und_enc_model.register_forward_hook(lambda *a: calls.append(1))
+    off = TrainModule(tiny_model, repa_weight=0.0, repa_layer=1, repa_hidden=16)
+    assert off.projector is None and not any("projector" in n for n, _ in off.named_parameters())
+    assert batch.ar["pixel_values"] is not None
+    out = off(batch)
+    assert "loss_repa" not in out and len(calls) == 1  # only the understanding forward
+    calls.clear()
+    on = TrainModule(tiny_model, repa_weight=1.0, repa_layer=1, repa_hidden=16)
+    out = on(batch)
+    assert len(calls) == 2 and -1.0 <= out["loss_repa"].item() <= 1.0
+    expected = out["loss_rf"] + out["loss_repa"]
+    gen_share = batch.gen["latents"].shape[0] / batch.size
+    und_share = int(batch.ar["is_und"].sum()) / batch.size
+    text_share = 1 - gen_share - und_share
+    total = gen_share * expected + und_share * out["loss_und"] + text_share * out["loss_text"]
+    torch.testing.assert_close(out["loss"], total)
+
+
+# ----------------------------------------------------------------------------- mixture
+
+
+def test_mixture_ratios_and_schedule():
+    sched = MixtureSchedule([MixturePhase(und=30, gen=50, text=20, until_step=10), MixturePhase(und=14, gen=80, text=6)])
+    assert sched.ratios(0) == pytest.approx({"gen": 0.5, "und": 0.3, "text": 0.2})
+    assert sched.ratios(10) == pytest.approx({"gen": 0.8, "und": 0.14, "text": 0.06})
+    rng = random.Random(0)
+    totals = {"gen": 0, "und": 0, "text": 0}
+    for step in range(10, 2010):
+        slots = sched.composition(step, 16, rng)
+        assert len(slots) == 16
+        for s in slots:
+            totals[s] += 1
+    n = sum(totals.values())
+    assert abs(totals["gen"] / n - 0.8) < 0.01 and abs(totals["und"] / n - 0.14) < 0.01
+
+
+def test_stream_is_deterministic_and_rank_split_covers_the_global_batch(tmp_path):
+    stream = _stream(tmp_path, [MixturePhase(und=1, gen=1, text=1)])
+    one = list(stream.micro_batches(3, 8, 2, rank=0, world=1))
+    r0 = list(stream.micro_batches(3, 8, 2, rank=0, world=2))
+    r1 = list(stream.micro_batches(3, 8, 2, rank=1, world=2))
+    assert len(one) == 4 and len(r0) == len(r1) == 2
+    for a, b in zip(one, [r0[0], r1[0], r0[1], r1[1]]):
+        assert a.counts == b.counts
+        for part in ("ar", "gen"):
+            if getattr(a, part) is not None:
+                for k, v in getattr(a, part).items():
+                    if isinstance(v, torch.Tensor):
+                        assert torch.equal(v, getattr(b, part)[k]), k
+    with pytest.raises(ValueError, match="divisible"):
+        list(stream.micro_batches(0, 6, 4))
+
+
+def test_cfg_drop_keeps_only_bos_visible(tmp_path):
+    stream = _stream(tmp_path, [MixturePhase(und=0, gen=1, text=0)], cfg_drop=0.5)
+    tok = ByteTokenizer()
+    batch = next(stream.micro_batches(0, 16, 16))
+    gen = batch.gen
+    visible = gen["prefix_mask"].sum(1)
+    dropped = visible == 1
+    assert 0 < dropped.sum() < 16
+    for row in torch.nonzero(dropped).flatten():
+        ids = gen["prefix_ids"][row][gen["prefix_mask"][row].bool()]
+        assert ids.tolist() == [tok.bos_id]
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    Image.new("RGB", (32, 32), "red").save(img_dir / "good.png")
+    (img_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    rows = [{"image": "imgs/good.png", "caption": "a red square"},
+            {"image": "imgs/broken.png", "caption": "a blue circle"},
+            {"image": "imgs/missing.png", "caption": "a green circle"}]
+    path = tmp_path / "gen.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    stream = _stream(tmp_path, [MixturePhase(und=0, gen=1, text=0)], gen_path=str(path))
+    batch = next(stream.micro_batches(0, 8, 8))
+    assert batch.gen["images"].shape[0] == 8
+    assert stream.stats["gen_skipped"] > 0 and stream.stats["gen_ok"] == 8
+    src = stream.sources["gen"][0]
+    assert src.stats["bad_json"] == 1 and src.stats["bad_image"] > 0 and src.stats["missing_file"] > 0
+
+
+# ----------------------------------------------------------------------------- full runs
+
+
+def test_tiny_recipe_runs_all_stages_and_exports(tmp_path, cache):
+    run = tmp_path / "run"
+    run_tiny(run)
+    rows = read_metrics(run)
+    assert {r["stage"] for r in rows} == {"adaptation", "pretrain", "sft"}
+    assert all("loss_rf" in r and "loss_und" in r for r in rows)
+    export = run / "export"
+    for f in ("config.json", "model.safetensors", "processor_config.json", "janusflow_tokenizer.json",
+              "vae/config.json"):
+        assert (export / f).exists(), f
+    model = JanusFlow.from_pretrained(export)
+    raw = JanusFlow.from_pretrained(run / "stages" / "3-sft" / "final")
+    assert not torch.equal(model.vision_gen_dec_aligner.weight, raw.vision_gen_dec_aligner.weight)  # EMA != raw
+    assert len(list((run / "samples").glob("*.png"))) == 3
+    assert list((run / "wandb").glob("offline-run-*"))
+    # Running again finds every stage complete and does no training.
+    run_tiny(run)
+    assert len(read_metrics(run)) == len(rows)
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, cache):
+    common = ["stages.0.max_steps=5", "train.save_every=100"]
+    run_tiny(tmp_path / "a", common, stop_after=5)
+    run_tiny(tmp_path / "b", common, stop_after=3)
+    assert max(losses(read_metrics(tmp_path / "b"), "adaptation")) == 3
+    run_tiny(tmp_path / "b", common, stop_after=2)
+    a, b = losses(read_metrics(tmp_path / "a"), "adaptation"), losses(read_metrics(tmp_path / "b"), "adaptation")
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    assert a == b  # bit-identical loss sequence
+
+
+def test_two_ranks_zero2_match_one_rank(tmp_path, cache):
+    # Everything trainable, and micro-batches whose tasks differ between the ranks (4 gen | 4 und).
+    common = ["train.zero_stage=2", "stages.0.max_steps=3", "stages.0.batch_size=8", "stages.0.micro_batch_size=4",
+              "stages.0.policy=stage3"]
+    run_tiny(tmp_path / "one", common, stop_after=3)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "tools" / "train.py"), "--recipe", "tiny", "--stop-after-steps", "3",
+           f"run_dir={tmp_path / 'two'}", *common]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = losses(read_metrics(tmp_path / "one"), "adaptation"), losses(read_metrics(tmp_path / "two"), "adaptation")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)

@@ -1,0 +1,46 @@
+"""Train a recipe: `python tools/train.py --recipe 2to8 [key=value ...]`.
+
+Several ranks: `torchrun --nproc_per_node N tools/train.py ...` or `deepspeed tools/train.py ...`
+(multi-node: the deepspeed launcher's --hostfile). On a CPU machine set DS_ACCELERATOR=cpu.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from janusflow.config import ConfigError, load_recipe  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="2to8", help="recipe name (recipes/NAME.yaml) or a YAML path")
+    parser.add_argument("--resume", default="auto", help="auto: continue the run in run_dir if any; none: fresh")
+    parser.add_argument("--stop-after-steps", type=int, default=None,
+                        help="stop (with a checkpoint) after this many optimizer steps; resume later with --resume auto")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.max_steps=50 train.seed=1")
+    args = parser.parse_args()
+    if args.resume not in ("auto", "none"):
+        parser.error("--resume must be auto or none")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from janusflow.train.trainer import Trainer
+
+    Trainer(recipe, resume=args.resume, stop_after_steps=args.stop_after_steps).run()
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
