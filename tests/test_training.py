@@ -123,7 +123,8 @@ def test_repa_off_computes_no_projector_and_no_siglip_pass(tiny_model):
 
 
 def test_mixture_ratios_and_schedule():
-    sched = MixtureSchedule([MixturePhase(und=30, gen=50, text=20, until_step=10), MixturePhase(und=14, gen=80, text=6)])
+    sched = MixtureSchedule([MixturePhase(und=30, gen=50, text=20, until_step=10),
+                             MixturePhase(und=14, gen=80, text=6)])
     assert sched.ratios(0) == pytest.approx({"gen": 0.5, "und": 0.3, "text": 0.2})
     assert sched.ratios(10) == pytest.approx({"gen": 0.8, "und": 0.14, "text": 0.06})
     rng = random.Random(0)
@@ -230,7 +231,8 @@ def test_two_ranks_zero2_match_one_rank(tmp_path, cache):
            f"run_dir={tmp_path / 'two'}", *common]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = losses(read_metrics(tmp_path / "one"), "adaptation"), losses(read_metrics(tmp_path / "two"), "adaptation")
+    one = losses(read_metrics(tmp_path / "one"), "adaptation")
+    two = losses(read_metrics(tmp_path / "two"), "adaptation")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
