@@ -18,7 +18,7 @@ def main() -> int:
     parser.add_argument("--recipe", default="2to8", help="recipe name (recipes/NAME.yaml) or a YAML path")
     parser.add_argument("--resume", default="auto", help="auto: continue the run in run_dir if any; none: fresh")
     parser.add_argument("--stop-after-steps", type=int, default=None,
-                        help="stop (with a checkpoint) after this many optimizer steps; resume later with --resume auto")
+                        help="stop (with a checkpoint) after this many optimizer steps; continue with --resume auto")
     # The deepspeed launcher appends --local_rank=N.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.max_steps=50 train.seed=1")
