@@ -120,11 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 avoids stalls when other jobs share the cores)")
     p.add_argument("--ref-steps", type=int, default=500, help="Euler steps (and 2x) of the solvers' reference")
     p.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32], help="NFE budgets for the solver table")
     args = p.parse_args(argv)
 
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = random_model(args.preset, args.device, DTYPES[args.dtype])
     ids, mask, noise = inputs(model, args.preset, args.batch_size, args.device)
     n_image = model.num_gen_tokens(noise.shape[-2:])

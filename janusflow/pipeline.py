@@ -209,6 +209,8 @@ class PrintStreamer:
 
 @dataclass
 class Pipeline:
+    """A model with its codec (None when loaded for chat only), tokenizer and system prompt."""
+
     model: JanusFlow
     codec: LatentCodec | None
     tokenizer: Tokenizer
@@ -248,6 +250,8 @@ class Pipeline:
             raise PipelineError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
         if steps < 1 or batch_size < 1:
             raise PipelineError("steps and batch_size must be >= 1")
+        if not prompts:
+            return []
         ids = [self.gen_ids(p) for p in prompts]
         noise = torch.stack([image_noise(seed, i, self.latent_shape()) for i in range(len(prompts))])
         starts = range(0, len(prompts), batch_size)

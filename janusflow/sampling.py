@@ -106,9 +106,13 @@ def solve(velocity: Callable, noise: torch.Tensor, steps: int, solver: str = "eu
         return z
     from torchdiffeq import odeint
 
+    # torchdiffeq's step-size control underflows in half precision: integrate a float32 state.
+    dtype = noise.dtype
     options = {} if solver == "dopri5" else {"step_size": 1.0 / steps}
     ts = torch.tensor([0.0, 1.0], device=noise.device)
-    return odeint(velocity, noise, ts, method=_TORCHDIFFEQ_NAMES[solver], rtol=rtol, atol=atol, options=options)[-1]
+    z = odeint(lambda t, z: velocity(t, z.to(dtype)).float(), noise.float(), ts, method=_TORCHDIFFEQ_NAMES[solver],
+               rtol=rtol, atol=atol, options=options)[-1]
+    return z.to(dtype)
 
 
 @torch.no_grad()
@@ -140,7 +144,8 @@ def sample_latents_reference(model, input_ids: torch.Tensor, noise: torch.Tensor
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Decoded images [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] (official post-processing)."""
+    """Decoded images [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], rounded (as the official README's
+    save_image; the official demo truncates instead)."""
     x = images.float().clamp(-1, 1).permute(0, 2, 3, 1)
     return ((x + 1) / 2 * 255).round().to(torch.uint8).cpu()
 

@@ -39,6 +39,14 @@ def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def load_tool(tool: str):
+    """A tools/ script as a module (tools/ is not a package), to call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(f"tool_{tool[:-3]}", ROOT / "tools" / tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.int16) for im in images])
 
@@ -73,8 +81,9 @@ def test_progress_and_errors(pipe):
 def test_load_errors(model_dir, tmp_path):
     with pytest.raises(PipelineError, match="does not exist"):
         load_pipeline(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError, match="no config.json"):
-        load_pipeline(tmp_path)
+        load_pipeline(tmp_path / "empty")
     with pytest.raises(PipelineError, match="pass --vae"):
         load_pipeline(model_dir, vae_dir=tmp_path / "no-vae")
     run_dir = model_dir.parent  # a training run directory holding export/
@@ -113,31 +122,34 @@ def test_chat_cli_answers(model_dir, tmp_path):
     assert r.stdout.endswith("\n") and len(r.stdout) > 1
 
 
+def test_cli_errors_in_subprocess(model_dir, tmp_path):
+    for args, message in [
+        (["--model", tmp_path / "nope", "--prompt", "x"], f"model directory {tmp_path / 'nope'} does not exist"),
+        (["--model", model_dir, "--prompt", "x" * 500], "exceeds the context of 512 tokens"),
+    ]:
+        r = run_tool("sample.py", *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("sample.py: error: ") and message in r.stderr
+
+
 @pytest.mark.parametrize("tool, args, message", [
     ("sample.py", ["--prompt", "x", "--solver", "leapfrog"], "invalid choice: 'leapfrog'"),
-    ("sample.py", ["--prompt", "x" * 500], "exceeds the context"),
     ("sample.py", [], "no prompt"),
-    ("sample.py", ["--prompts", "/nonexistent/prompts.txt"], "cannot read prompts file"),
+    ("sample.py", ["--prompts", "/nonexistent/prompts.txt"], "cannot read prompts file /nonexistent/prompts.txt"),
     ("chat.py", ["--image", "/nonexistent/image.png", "--question", "hi"], "cannot read image"),
     ("chat.py", ["--image", "{not_an_image}", "--question", "hi"], "not a readable image"),
 ])
-def test_cli_errors(model_dir, tool, args, message):
-    args = [a.format(not_an_image=model_dir / "config.json") for a in args]
-    r = run_tool(tool, "--model", model_dir, *args)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(f"{tool}: error:")
-
-
-def test_missing_model_dir(tmp_path):
-    r = run_tool("sample.py", "--model", tmp_path / "nope", "--prompt", "x")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"sample.py: error: model directory {tmp_path / 'nope'} does not exist"
+def test_cli_errors(model_dir, capsys, tool, args, message):
+    main = load_tool(tool).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model_dir), *(a.format(not_an_image=model_dir / "config.json") for a in args)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err
+    assert ": error: " in err.splitlines()[-1]  # argparse names the program after sys.argv[0] in-process
 
 
 def test_demo_builds_headless_and_handlers_work(pipe):
-    spec = importlib.util.spec_from_file_location("janusflow_demo", ROOT / "tools" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_tool("demo.py")
     import gradio as gr
 
     assert isinstance(demo.build_demo(pipe), gr.Blocks)

@@ -6,6 +6,7 @@ import torch
 from janusflow.config import model_config
 from janusflow.flow import interpolate, sample_t
 from janusflow.models.janusflow import JanusFlow
+from janusflow.pipeline import left_pad
 from janusflow.sampling import cfg_prefix, sample_latents, sample_latents_reference, solve
 from janusflow.tokenizer import ByteTokenizer, gen_prompt
 
@@ -15,14 +16,7 @@ TOK = ByteTokenizer()
 
 
 def batch(prompts):
-    ids = [TOK.encode(gen_prompt(p)) for p in prompts]
-    width = max(map(len, ids))
-    out = torch.full((len(ids), width), TOK.pad_id)
-    mask = torch.zeros(len(ids), width, dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, width - len(x):] = torch.tensor(x)
-        mask[i, width - len(x):] = 1
-    return out, mask
+    return left_pad([TOK.encode(gen_prompt(p)) for p in prompts], TOK.pad_id)
 
 
 def official_loop(model, input_ids, noise, steps, cfg_weight, pad_id):

@@ -236,3 +236,52 @@ def test_two_ranks_zero2_match_one_rank(tmp_path, cache):
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+def _nan_rf_loss(monkeypatch, bad_calls):
+    """Make the RF loss NaN on the given real (not placeholder) calls."""
+    import janusflow.train.trainer as trainer
+
+    real, calls = trainer.rf_loss, {"n": 0}
+
+    def flaky(v, target):
+        out = real(v, target)
+        if v.shape[-1] > 4:  # the placeholder latent is 4 x 4; real tiny latents are 16 x 16
+            calls["n"] += 1
+            if bad_calls is None or calls["n"] in bad_calls:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "rf_loss", flaky)
+
+
+def test_non_finite_loss_skips_the_step(tmp_path, cache, monkeypatch):
+    _nan_rf_loss(monkeypatch, {3})
+    run_tiny(tmp_path / "r", ["stages.0.max_steps=4"], stop_after=4)
+    rows = [r for r in read_metrics(tmp_path / "r") if r["stage"] == "adaptation"]
+    assert rows[-1]["skipped_steps"] == 1 and len(rows) == 4
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    tag = (tmp_path / "r" / "stages" / "1-adaptation" / "checkpoints" / "latest").read_text()
+    state = torch.load(tmp_path / "r" / "stages" / "1-adaptation" / "checkpoints" / tag / "state.pt",
+                       weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["ema"].values())
+
+
+def test_consecutive_non_finite_losses_stop_with_a_checkpoint(tmp_path, cache, monkeypatch):
+    from janusflow.train.trainer import NonFiniteError
+
+    _nan_rf_loss(monkeypatch, None)
+    with pytest.raises(NonFiniteError, match="2 consecutive steps"):
+        run_tiny(tmp_path / "r", ["train.max_bad_steps=2", "stages.0.max_steps=5"])
+    ckpt = tmp_path / "r" / "stages" / "1-adaptation" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step-000002"
+
+
+def test_unwritable_run_dir_fails_before_training(tmp_path, cache):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="not writable"):
+        run_tiny(blocker / "run")

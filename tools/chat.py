@@ -3,7 +3,8 @@
     python tools/chat.py --model runs/2to8/export --image shape.png --question "What colour is the circle?"
     python tools/chat.py --model JanusFlow-1.3B --image photo.jpg       # interactive: one question per line
 
-Without --question, questions are read from stdin until end of input or "exit".
+Without --question, questions are read from stdin until end of input or "exit"; each is answered on
+its own (single-turn, as the official demo).
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         try:
             pipe.answer(image, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, streamer=streamer, seed=args.seed)
-        except PipelineError as e:
-            fail(str(e))
+        except PipelineError as e:  # e.g. a question too long: fatal for --question, not for the interactive loop
+            if args.question:
+                fail(str(e))
+            print(f"chat.py: error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -38,6 +39,10 @@ from janusflow.tokenizer import gen_prompt, load_tokenizer
 from janusflow.train.checkpoint import CheckpointManager, rng_state, set_rng_state, write_text_atomic
 from janusflow.train.logging import RunLogger, print0
 from janusflow.train.stages import apply_freeze_policy
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite losses or gradients it cannot recover from."""
 
 
 class TrainModule(nn.Module):
@@ -221,6 +226,7 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed()
         self.dtype = self._dtype()
         self.group, self.run_name = group, run_name or recipe.name
+        self.skipped_steps = 0
 
     def _dtype(self) -> torch.dtype:
         want = self.recipe.train.dtype
@@ -416,20 +422,26 @@ class Trainer:
                f"batch {stage.batch_size}, REPA weight {repa_weight}, world {self.world}, {self.dtype}")
         self.logger.start_bar(stage.name, start, stage.max_steps)
         metrics: dict = {}
+        bad_streak = 0
         for step in range(start, stage.max_steps):
             t0 = time.time()
-            sums: dict[str, list[float]] = {}
-            for micro in stream.micro_batches(step, stage.batch_size, stage.micro_batch_size, self.rank, self.world):
-                micro = self._prepare_batch(micro)
-                losses = engine(micro)
-                engine.backward(losses["loss"])
-                engine.step()
-                for k, v in losses.items():
-                    sums.setdefault(k, []).append(float(v.detach()))
-            ema.update(engine.module.model, trainable)
+            micros = stream.micro_batches(step, stage.batch_size, stage.micro_batch_size, self.rank, self.world)
+            sums, skipped = self._optimizer_step(engine, list(micros), step)
             done = step + 1
+            if skipped:
+                self.skipped_steps += 1
+                bad_streak += 1
+                if bad_streak >= r.train.max_bad_steps:
+                    self.save(ckpt, engine, done, ema, stream)
+                    raise NonFiniteError(
+                        f"stage {stage.name}: {bad_streak} consecutive steps had a non-finite loss (last: step "
+                        f"{done}); the weights were not updated by them and a checkpoint was written to "
+                        f"{ckpt.root}. Lower the learning rate or check the data, then resume.")
+            else:
+                bad_streak = 0
+                ema.update(engine.module.model, trainable)
             metrics = self._reduce_metrics(sums)
-            metrics.update(step_time=time.time() - t0, lr=scheduler.get_last_lr()[0])
+            metrics.update(step_time=time.time() - t0, lr=scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps)
             if done % r.logging.log_every == 0 or done == stage.max_steps:
                 metrics.update({f"data/{k}": v for k, v in (stream.stats | stream.builder.stats).items()})
                 self.logger.log(stage.name, done, self.global_step_offset(index) + done, metrics)
@@ -454,6 +466,38 @@ class Trainer:
         _barrier()
         del engine
         return StageResult(stage.name, sdir, stage.max_steps, metrics)
+
+    def _optimizer_step(self, engine, micros: list[Batch], step: int) -> tuple[dict[str, list[float]], bool]:
+        """Forward/backward every micro-batch of this rank, then the optimizer step.
+
+        A non-finite loss on any rank skips the whole step: that micro-batch's backward is replaced by
+        an all-placeholder one (zero gradients, the same graph on every rank) and the learning rate is
+        0 for this update, so the weights do not change. A non-finite gradient norm cannot be undone
+        (DeepSpeed has applied it) and stops the run before anything is saved.
+        """
+        sums: dict[str, list[float]] = {}
+        bad = False
+        for i, micro in enumerate(micros):
+            losses = engine(self._prepare_batch(micro))
+            flag = torch.tensor(0.0 if torch.isfinite(losses["loss"]).item() else 1.0)
+            if self.world > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0:
+                bad = True
+                losses = engine(Batch(size=1))
+            if bad and i == len(micros) - 1:
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = 0.0  # the LR scheduler sets it again after this step
+            engine.backward(losses["loss"])
+            engine.step()
+            if not bad:
+                for k, v in losses.items():
+                    sums.setdefault(k, []).append(float(v.detach()))
+        norm = engine.get_global_grad_norm()
+        if norm is not None and not math.isfinite(float(norm)):
+            raise NonFiniteError(f"step {step + 1}: the gradient norm is {norm}; the weights are no longer valid, "
+                                 f"so nothing was saved. Resume from the last checkpoint with a lower learning rate.")
+        return sums, bad
 
     def _stream(self, stage: StageConfig, index: int) -> MixtureStream:
         r = self.recipe
@@ -490,6 +534,7 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, ema: EMA, stage: str, step: int, index: int) -> Path | None:
+        from janusflow.pipeline import left_pad
         from janusflow.sampling import sample_latents, to_uint8
 
         prompts = self.recipe.logging.sample_prompts
@@ -498,12 +543,7 @@ class Trainer:
         from PIL import Image
 
         r, tok, model = self.recipe, self.tokenizer, ema.model
-        ids = [tok.encode(gen_prompt(p)) for p in prompts]
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), tok.pad_id)
-        mask = torch.zeros_like(input_ids)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x):], mask[i, width - len(x):] = torch.tensor(x), 1
+        input_ids, mask = left_pad([tok.encode(gen_prompt(p)) for p in prompts], tok.pad_id)
         shape = self.codec.latent_shape(r.model.gen_image_size)
         noise = torch.randn(len(prompts), *shape, generator=torch.Generator().manual_seed(r.train.seed))
         latents = sample_latents(model, input_ids.to(self.device), noise.to(self.device), steps=r.logging.sample_steps,
