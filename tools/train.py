@@ -16,15 +16,17 @@ from janusflow.config import ConfigError, load_recipe  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="2to8", help="recipe name (recipes/NAME.yaml) or a YAML path")
-    parser.add_argument("--resume", default="auto", help="auto: continue the run in run_dir if any; none: fresh")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: continue the run in run_dir if any; none: start fresh; weights: continue on "
+                             "another number of ranks (weights, EMA, data position; fresh optimizer state)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
                         help="stop (with a checkpoint) after this many optimizer steps; continue with --resume auto")
     # The deepspeed launcher appends --local_rank=N.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.max_steps=50 train.seed=1")
     args = parser.parse_args()
-    if args.resume not in ("auto", "none"):
-        parser.error("--resume must be auto or none")
+    if args.resume not in ("auto", "none", "weights"):
+        parser.error("--resume must be auto, none or weights")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except ConfigError as e:

@@ -19,7 +19,7 @@ times with fixed noise (t = 0 is noise, t = 1 is data), so checkpoints are compa
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.linalg
@@ -92,15 +92,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(w for w in words if w not in ("a", "an", "the"))
 
 
-def vqa_accuracy(answer: Callable[[Image.Image, str], str],
-                 items: Sequence[tuple[Image.Image, str, str]]) -> tuple[float, list[str]]:
-    """Exact-match accuracy of ``answer(image, question)`` on (image, question, reference) items, and the
-    predictions."""
-    if not items:
-        raise ValueError("vqa_accuracy needs at least one question")
-    predictions = [answer(image, question) for image, question, _ in items]
-    hits = [normalize_answer(p) == normalize_answer(ref) for p, (_, _, ref) in zip(predictions, items)]
-    return float(np.mean(hits)), predictions
+def vqa_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Exact-match accuracy of predicted answers against the references, after ``normalize_answer``."""
+    if len(predictions) != len(references) or not references:
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references (need >= 1)")
+    return float(np.mean([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]))
 
 
 # ----------------------------------------------------------------------------- RF validation loss

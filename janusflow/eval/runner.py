@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from janusflow.data.shapes import read_manifest
-from janusflow.data.sources import gen_transform, open_source
+from janusflow.data.sources import gen_transform, open_source, und_transform
 from janusflow.eval import metrics, shapes_geneval
 from janusflow.pipeline import Pipeline, left_pad, load_pipeline
-from janusflow.tokenizer import Tokenizer, sft_prompt
+from janusflow.sampling import generate_text
+from janusflow.tokenizer import Tokenizer, expand_image_tokens, image_seq_mask, sft_prompt, und_prompt
 
 VQA_MAX_NEW_TOKENS = 16  # shapes answers are one word or digit
 
@@ -78,7 +79,7 @@ def gen_latents_and_prompts(images: list[Image.Image], captions: list[str], code
 @torch.no_grad()
 def evaluate_model(model, codec, tokenizer: Tokenizer, system_prompt: str, data_dir: str | Path, *,
                    num_geneval_per_category: int = 16, num_fd_images: int = 256, num_vqa: int = 128,
-                   num_rf_images: int = 64, steps: int = 20, cfg_weight: float = 2.0, seed: int = 0,
+                   num_rf_images: int = 64, steps: int = 30, cfg_weight: float = 2.0, seed: int = 0,
                    batch_size: int = 32, encoder: torch.nn.Module | None = None,
                    data: EvalData | None = None) -> dict[str, float]:
     """Evaluate a JanusFlow model in memory (e.g. the trainer's EMA model); see the module docstring.
@@ -94,9 +95,9 @@ def evaluate_model(model, codec, tokenizer: Tokenizer, system_prompt: str, data_
         results = _geneval(pipe, data, num_geneval_per_category, steps, cfg_weight, seed, batch_size)
         results["fd"] = _fd(pipe, data, num_fd_images, encoder or model.vision_und_enc_model, steps, cfg_weight,
                             seed, batch_size)
-        acc, _ = metrics.vqa_accuracy(lambda im, q: pipe.answer(im, q, max_new_tokens=VQA_MAX_NEW_TOKENS),
-                                      data.vqa[:num_vqa])
-        results["vqa_acc"] = acc
+        items = data.vqa[:num_vqa]
+        predictions = answer_batch(pipe, [(im, q) for im, q, _ in items], batch_size=batch_size)
+        results["vqa_acc"] = metrics.vqa_accuracy(predictions, [a for _, _, a in items])
         n = min(num_rf_images, len(data.images))
         latents, ids, mask = gen_latents_and_prompts(data.images[:n], data.captions[:n], codec, tokenizer,
                                                      model.config.gen_image_size)
@@ -105,6 +106,27 @@ def evaluate_model(model, codec, tokenizer: Tokenizer, system_prompt: str, data_
     finally:
         model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def answer_batch(pipe: Pipeline, questions: list[tuple[Image.Image, str]], batch_size: int = 32,
+                 max_new_tokens: int = VQA_MAX_NEW_TOKENS) -> list[str]:
+    """Greedy answers to (image, question) pairs, ``batch_size`` at a time: the prompt, preprocessing and
+    decoding of ``Pipeline.answer`` with left-padded batches (the same answers, ~10x faster on CPU)."""
+    model, tok = pipe.model, pipe.tokenizer
+    und = model.config.und_encoder
+    answers = []
+    for s in range(0, len(questions), batch_size):
+        chunk = questions[s:s + batch_size]
+        seqs = [expand_image_tokens(tok.encode(und_prompt(q, pipe.system_prompt)), tok,
+                                    model.vision_und_enc_model.num_patches) for _, q in chunk]
+        ids, mask = left_pad(seqs, tok.pad_id)
+        pixels = torch.stack([und_transform(im, und.image_size, und.image_mean, und.image_std) for im, _ in chunk])
+        ids, mask = ids.to(pipe.device), mask.to(pipe.device)
+        embeds = model.und_inputs_embeds(ids, pixels.to(pipe.device, model.dtype_for_llm), image_seq_mask(ids, tok))
+        out = generate_text(model, embeds, mask, eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=max_new_tokens)
+        answers += [tok.decode(row.tolist(), skip_special_tokens=True).strip() for row in out]
+    return answers
 
 
 def _geneval(pipe: Pipeline, data: EvalData, n_per_category: int, steps: int, cfg_weight: float, seed: int,
@@ -126,7 +148,7 @@ def _fd(pipe: Pipeline, data: EvalData, n: int, encoder: torch.nn.Module, steps:
 
 
 def evaluate_export(export_dir: str | Path, data_dir: str | Path, *, num_geneval_per_category: int = 16,
-                    num_fd_images: int = 256, num_vqa: int = 128, num_rf_images: int = 64, steps: int = 20,
+                    num_fd_images: int = 256, num_vqa: int = 128, num_rf_images: int = 64, steps: int = 30,
                     cfg_weight: float = 2.0, seed: int = 0, batch_size: int = 32,
                     device: str | torch.device = "cpu") -> dict[str, float]:
     """Evaluate an exported model directory (``janusflow.export``; a run directory with ``export/`` works too)."""

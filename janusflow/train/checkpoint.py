@@ -37,6 +37,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_dir_atomic(target: Path, write) -> Path:
+    """``write(tmp_dir)`` then rename it to ``target``: a kill leaves the old target or none, never half of one."""
+    tmp = target.with_name(f"{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep: int = 2):
         self.root = Path(root)
@@ -75,9 +85,9 @@ class CheckpointManager:
         _barrier()
         return tag
 
-    def load(self, engine, tag: str) -> dict:
-        path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+    def load(self, engine, tag: str, module_only: bool = False) -> dict:
+        path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=not module_only,
+                                         load_lr_scheduler_states=not module_only, load_module_only=module_only)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         return torch.load(self.root / tag / "state.pt", map_location="cpu", weights_only=False)

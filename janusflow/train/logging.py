@@ -49,8 +49,14 @@ class RunLogger:
         """On resume, drop metrics the interrupted run logged after the checkpoint it resumes from."""
         if not self.enabled or not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and not (json.loads(line).get("stage") == stage and json.loads(line)["step"] > step)]
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if not (row.get("stage") == stage and row["step"] > step):
+                keep.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
     def start_bar(self, stage: str, start: int, total: int) -> None:

@@ -36,7 +36,7 @@ from janusflow.models.codec import LatentCodec
 from janusflow.models.janusflow import JanusFlow
 from janusflow.models.repa import build_projector, match_grid, repa_loss
 from janusflow.tokenizer import gen_prompt, load_tokenizer
-from janusflow.train.checkpoint import CheckpointManager, rng_state, set_rng_state, write_text_atomic
+from janusflow.train.checkpoint import CheckpointManager, rng_state, set_rng_state, write_dir_atomic
 from janusflow.train.logging import RunLogger, print0
 from janusflow.train.stages import apply_freeze_policy
 
@@ -353,7 +353,10 @@ class Trainer:
             "steps_per_print": 10**9,
             "zero_allow_untested_optimizer": True,
         })
-        cfg.setdefault("zero_optimization", {})["stage"] = r.train.zero_stage
+        zero = cfg.setdefault("zero_optimization", {})
+        zero["stage"] = r.train.zero_stage
+        if r.train.zero_stage in (1, 2):
+            zero.setdefault("elastic_checkpoint", True)  # optimizer shards reload on another number of ranks
         return cfg
 
     # -------------------------------------------------------------- the loop
@@ -370,8 +373,8 @@ class Trainer:
         if self.rank == 0:
             last = self.stage_dir(len(self.recipe.stages) - 1)
             model = JanusFlow.from_pretrained(last / "final_ema")
-            out = export_model(self.run_dir / "export", model, self.codec.cpu(), self.tokenizer,
-                               self.recipe.data.und_system_prompt)
+            out = write_dir_atomic(self.run_dir / "export", lambda d: export_model(
+                d, model, self.codec.cpu(), self.tokenizer, self.recipe.data.und_system_prompt))
             self.codec.to(self.device)
             print0(f"exported the EMA model to {out}")
         _barrier()
@@ -404,19 +407,23 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self._ds_config(stage))
+        if r.train.zero_stage == 3:
+            # A parameter of JanusFlow itself (whose forward is never called): gather it for ours.
+            deepspeed.zero.register_external_parameter(engine.module, model.beg_of_und_embed)
         ckpt = CheckpointManager(sdir / "checkpoints", keep=r.train.keep_checkpoints)
         ckpt.clean_incomplete()
         stream = self._stream(stage, index)
         start = 0
         tag = ckpt.latest() if self.resume != "none" else None
         if tag is not None:
-            state = ckpt.load(engine, tag)
+            module_only = self._check_resumable(ckpt, tag)
+            state = ckpt.load(engine, tag, module_only=module_only)
             start = state["step"]
             set_rng_state(state["rng"])
             stream.stats.update(state.get("data_stats", {}))
             ema.model.load_state_dict(state["ema"])
-            self.logger.truncate_after(stage.name, start)
             print0(f"stage {stage.name}: resumed from {sdir / 'checkpoints' / tag} at step {start}")
+        self.logger.truncate_after(stage.name, start)  # rows a killed run logged past its last checkpoint
         print0(f"stage {stage.name}: {len(trainable)} trainable tensors "
                f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), {stage.max_steps} steps, "
                f"batch {stage.batch_size}, REPA weight {repa_weight}, world {self.world}, {self.dtype}")
@@ -457,15 +464,34 @@ class Trainer:
                 return StageResult(stage.name, sdir, done, metrics)
         self.logger.close_bar()
         self.sample_grid(ema, stage.name, stage.max_steps, index)
-        raw = full_state_dict(engine.module.model)
+        final_model = engine.module.model
+        raw = full_state_dict(final_model)
         if self.rank == 0:
-            final_model = engine.module.model
-            final_model.save_pretrained(sdir / "final", state_dict=raw)
-            ema.model.save_pretrained(sdir / "final_ema")
-            write_text_atomic(sdir / "final_ema" / "stage.json", json.dumps({"steps": stage.max_steps, **metrics}))
+            write_dir_atomic(sdir / "final", lambda d: final_model.save_pretrained(d, state_dict=raw))
+
+            def write_ema(d: Path) -> None:  # final_ema marks the stage complete, so it is written last
+                ema.model.save_pretrained(d)
+                (d / "stage.json").write_text(json.dumps({"steps": stage.max_steps, **metrics}))
+
+            write_dir_atomic(sdir / "final_ema", write_ema)
         _barrier()
         del engine
         return StageResult(stage.name, sdir, stage.max_steps, metrics)
+
+    def _check_resumable(self, ckpt: CheckpointManager, tag: str) -> bool:
+        """True when only the weights can be resumed (another number of ranks and --resume weights)."""
+        saved = torch.load(ckpt.root / tag / "state.pt", map_location="cpu", weights_only=False)
+        world = saved.get("world_size", self.world)
+        if world == self.world or self.recipe.train.zero_stage == 0:
+            return False
+        if self.resume == "weights":
+            print0(f"resuming {ckpt.root / tag} (written by {world} ranks) on {self.world}: weights, EMA and data "
+                   f"position continue, the optimizer state starts afresh")
+            return True
+        raise RuntimeError(
+            f"{ckpt.root / tag} was written by {world} ranks and this run has {self.world}: DeepSpeed's ZeRO "
+            f"optimizer shards only reload on the same number of ranks. Resume with {world} ranks, or pass "
+            f"--resume weights to continue from its weights, EMA and data position with a fresh optimizer state.")
 
     def _optimizer_step(self, engine, micros: list[Batch], step: int) -> tuple[dict[str, list[float]], bool]:
         """Forward/backward every micro-batch of this rank, then the optimizer step.
@@ -529,7 +555,8 @@ class Trainer:
         return {k: (local[i, 0] / local[i, 1]).item() for i, k in enumerate(keys) if local[i, 1] > 0}
 
     def save(self, ckpt: CheckpointManager, engine, step: int, ema: EMA, stream: MixtureStream) -> None:
-        state = {"step": step, "rng": rng_state(), "data_stats": dict(stream.stats), "ema": ema.model.state_dict()}
+        state = {"step": step, "rng": rng_state(), "data_stats": dict(stream.stats), "ema": ema.model.state_dict(),
+                 "world_size": self.world}
         ckpt.save(engine, step, state)
 
     @torch.no_grad()
