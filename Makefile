@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup pretrain test lint compare-repa ablations clean-runs
+.PHONY: setup pretrain test lint compare-repa clean-runs
 
 setup:
 	@bash scripts/setup_env.sh $(VENV)
@@ -21,13 +21,10 @@ test: setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 lint: setup
-	$(PY) -m ruff check janusflow tools tests benchmarks
+	$(PY) -m ruff check janusflow tools tests benchmarks scripts
 
 compare-repa: setup
 	$(PY) tools/compare_repa.py --recipe $(RECIPE) $(ARGS)
-
-ablations: setup
-	$(PY) tools/ablations.py $(ARGS)
 
 clean-runs:
 	rm -rf runs

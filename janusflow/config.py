@@ -162,7 +162,6 @@ class DataConfig:
     cfg_drop_prob: float = 0.1
     und_system_prompt: str = OFFICIAL_SYSTEM_PROMPT
     """System prompt of understanding conversations (the official one by default)."""
-    num_workers: int = 0
     cache_latents: bool = True
     max_bad_fraction: float = 0.5
     """Stop with an error when more than this fraction of the first records read are broken."""

@@ -98,7 +98,7 @@ class ByteTextTower(nn.Module):
         self.embed = nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.zeros(1, max_len, width))
         layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.proj = nn.Linear(width, out_dim)
         self.max_len = max_len
 
