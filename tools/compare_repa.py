@@ -1,6 +1,6 @@
 """REPA on vs off: the recipe's stage 2 trained twice from one stage-1 checkpoint, evaluated as it trains.
 
-    python tools/compare_repa.py --recipe 2to8 [--steps 600] [--eval-every 100] [--out DIR] [key=value ...]
+    python tools/compare_repa.py --recipe 2to8 [--steps N] [--eval-every N] [--out DIR] [key=value ...]
     make compare-repa RECIPE=2to8
 
 1. Stage 1 (adaptation) of the recipe runs once, in ``OUT/shared``.
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from janusflow.config import ConfigError, Recipe, load_recipe  # noqa: E402
 from janusflow.eval.runner import evaluate_export, evaluate_model, load_eval_data  # noqa: E402
+from janusflow.train.prep import cache_root  # noqa: E402
 from janusflow.train.trainer import Trainer  # noqa: E402
 
 STAGE = 1  # the compared stage: unified pre-training
@@ -103,10 +104,12 @@ def share_stage(src_run: Path, dst_run: Path, stage_dir: str) -> None:
                         dirs_exist_ok=True)
 
 
-def compare_repa(recipe: str, overrides: list[str], out: Path, *, steps: int | None, eval_every: int,
+def compare_repa(recipe: str, overrides: list[str], out: Path, *, steps: int | None, eval_every: int | None,
                  eval_kwargs: dict, data_dir: str | None = None) -> dict:
     """Run the comparison (see the module docstring); returns the summary also written to compare_repa.json."""
     out = Path(out)
+    # The runs live one level down in OUT: keep the prep artefacts where the recipe's own runs find them.
+    os.environ.setdefault("JANUSFLOW_CACHE", str(cache_root(load_recipe(recipe, overrides))))
     base = arm_recipe(recipe, overrides, out / "shared", STAGE + 1, [])
     stage = base.stages[STAGE]
     weight = base.train.repa.weight if stage.repa_weight is None else stage.repa_weight
@@ -114,6 +117,7 @@ def compare_repa(recipe: str, overrides: list[str], out: Path, *, steps: int | N
         raise ConfigError(f"recipe {recipe} trains stage {STAGE + 1} without REPA (weight {weight}): "
                           "nothing to compare")
     steps = steps or stage.max_steps
+    eval_every = eval_every or max(1, steps // 8)
     if not 1 <= eval_every <= steps:
         raise ConfigError(f"--eval-every must be in 1..{steps}")
     group, times = f"compare-repa-{base.name}", {}
@@ -123,7 +127,9 @@ def compare_repa(recipe: str, overrides: list[str], out: Path, *, steps: int | N
     times["stage 1 (shared)"] = time.time() - start
     data_dir = data_dir or shared.prep.get("data_dir")
     stage0_dir = shared.stage_dir(STAGE - 1).name
+    start = time.time()
     step0 = cached_eval(out / "step0_eval.json", out / "shared" / "export", data_dir, eval_kwargs)
+    times["step-0 evaluation (shared)"] = time.time() - start
     for name, w in zip(ARMS, (weight, 0.0)):
         start = time.time()
         r = arm_recipe(recipe, overrides, out / name, STAGE + 1, [f"stages.{STAGE}.repa_weight={w}",
@@ -316,20 +322,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="2to8", help="recipe name (recipes/NAME.yaml) or a YAML path")
     p.add_argument("--steps", type=int, help="stage-2 steps of each arm (default: the recipe's)")
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate the EMA model every N stage-2 steps")
+    p.add_argument("--eval-every", type=int, help="evaluate the EMA model every N stage-2 steps (default: steps / 8)")
     p.add_argument("--out", help="output directory (default: runs/compare-repa-RECIPE)")
     p.add_argument("--data", help="held-out shapes data (default: the recipe's shapes dataset)")
-    p.add_argument("--num-geneval", type=int, default=16, help="GenEval prompts per category")
-    p.add_argument("--num-fd-images", type=int, default=256)
-    p.add_argument("--num-vqa", type=int, default=128)
-    p.add_argument("--num-rf-images", type=int, default=64)
+    # Defaults sized so that the default recipe's comparison (17 evaluations) fits in ~40 min on 2 CPU cores.
+    p.add_argument("--num-geneval", type=int, default=8, help="GenEval prompts per category")
+    p.add_argument("--num-fd-images", type=int, default=128, help="generated and held-out images for FD")
+    p.add_argument("--num-vqa", type=int, default=64, help="held-out questions")
+    p.add_argument("--num-rf-images", type=int, default=32, help="held-out images for the RF validation loss")
     p.add_argument("--sample-steps", type=int, default=20, help="Euler steps of the evaluation sampler")
     p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (prompts, noise)")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. train.repa.weight=0.5")
     args = p.parse_args(argv)
     for name in ("num_geneval", "num_vqa", "num_rf_images", "sample_steps", "eval_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_fd_images < 2:
         p.error("--num-fd-images must be >= 2")

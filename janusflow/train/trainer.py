@@ -353,10 +353,7 @@ class Trainer:
             "steps_per_print": 10**9,
             "zero_allow_untested_optimizer": True,
         })
-        zero = cfg.setdefault("zero_optimization", {})
-        zero["stage"] = r.train.zero_stage
-        if r.train.zero_stage in (1, 2):
-            zero.setdefault("elastic_checkpoint", True)  # optimizer shards reload on another number of ranks
+        cfg.setdefault("zero_optimization", {})["stage"] = r.train.zero_stage
         return cfg
 
     # -------------------------------------------------------------- the loop
