@@ -254,11 +254,12 @@ class Trainer:
         codec_cfg = dataclasses.replace(r.codec, path=self.prep["codec_path"])
         torch.manual_seed(r.train.seed)  # an untrained codec (tests) must be the same on every rank
         self.codec = LatentCodec.from_config(codec_cfg).to(self.device)
-        self.sources = self._open_sources()
+        source_cfgs = self._source_cfgs()
+        self.sources = self._open_sources(source_cfgs)
         self.latent_cache = None
         if r.data.cache_latents and self.sources.get("gen"):
             key = config_hash(str(self.prep["codec_path"]), to_dict(r.codec), r.model.gen_image_size)
-            paths = [cache_root(r) / f"latents-{key}-{config_hash(s.path)}.pt" for s in self._gen_source_cfgs()]
+            paths = [cache_root(r) / f"latents-{key}-{config_hash(s.path)}.pt" for s in source_cfgs["gen"]]
             if self.rank == 0:
                 LatentCache.build(self.sources["gen"], self.codec, r.model.gen_image_size, paths)
             _barrier()
@@ -282,24 +283,23 @@ class Trainer:
             except OSError as e:
                 raise OSError(f"the run directory {self.run_dir} is not writable: {e}") from None
 
-    def _gen_source_cfgs(self):
-        return self._source_cfgs()["gen"]
-
     def _source_cfgs(self) -> dict:
-        r = self.recipe
-        cfgs = {"und": list(r.data.und), "gen": list(r.data.gen), "text": list(r.data.text)}
-        data_dir = self.prep.get("data_dir")
-        for task in cfgs:
-            for s in cfgs[task]:
-                if data_dir is not None and "{shapes}" in s.path:
-                    s.path = s.path.replace("{shapes}", str(data_dir))
-        return cfgs
+        """The recipe's sources per task, with ``{shapes}`` replaced by the prepared dataset folder."""
+        data = self.recipe.data
+        shapes = self.prep.get("data_dir")
 
-    def _open_sources(self) -> dict:
+        def resolve(s):
+            if shapes is None or "{shapes}" not in s.path:
+                return s
+            return dataclasses.replace(s, path=s.path.replace("{shapes}", str(shapes)))
+
+        return {task: [resolve(s) for s in getattr(data, task)] for task in ("und", "gen", "text")}
+
+    def _open_sources(self, source_cfgs: dict) -> dict:
         from janusflow.data.sources import open_source
 
         out = {}
-        for task, cfgs in self._source_cfgs().items():
+        for task, cfgs in source_cfgs.items():
             out[task] = []
             for s in cfgs:
                 src = open_source(s.path, s.format, s.image_root)
