@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup pretrain test lint compare-repa clean-runs
+.PHONY: setup pretrain test lint compare-repa ablations clean-runs
 
 setup:
 	@bash scripts/setup_env.sh $(VENV)
@@ -25,6 +25,10 @@ lint: setup
 
 compare-repa: setup
 	$(PY) tools/compare_repa.py --recipe $(RECIPE) $(ARGS)
+
+# The paper's ablations A-F (recipes/ablation-*.yaml): runs/ablations/results.{md,png}. Resumable.
+ablations: setup
+	$(PY) tools/ablations.py $(ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -1,20 +1,31 @@
-"""Training-step throughput: tokens/s, samples/s, REPA's extra cost, and MFU on a GPU.
+"""Training-step throughput and the cost or gain of each speed option, as ratios measured in one run.
 
-One process, a synthetic batch of the recipe's shape (und + gen + text rows), forward + backward +
-AdamW through ``TrainModule`` (the trainer's module), timed after warm-up. Every figure printed is
-measured in this run; the REPA overhead is a ratio of two timings taken here, side by side.
+One process, a synthetic batch of the recipe's shape, forward + backward + AdamW through
+``TrainModule`` (the trainer's module). The variants of a comparison are timed interleaved
+(round-robin, the order rotated every round) after warm-up; the script prints each variant's median
+step time and the median over rounds of its ratio to the first variant, so that load from other
+processes on a shared machine hits every variant alike.
 
-    python benchmarks/training.py --preset shapes --batch 16
+    python benchmarks/training.py --preset shapes --batch 16                        # REPA: off / live / cached
+    python benchmarks/training.py --preset shapes --batch 16 --compare checkpointing
+    python benchmarks/training.py --preset shapes --batch 16 --compare compile
+    python benchmarks/training.py --preset shapes --batch 16 --compare packing      # und/text rows only
     python benchmarks/training.py --preset janusflow-1.3b --batch 8 --device cuda --dtype bfloat16
 
-MFU counts the LLM's matmul FLOPs (6 N per token for the non-embedding weights, plus attention
+--compare repa: und + gen rows (2:8); REPA "live" runs the frozen SigLIP on the clean image every step,
+"cached" reads its features from the data (janusflow.data.latent_cache, what the trainer does while
+SigLIP is frozen). --compare packing: und + text rows of random lengths, one right-padded row each vs
+packed rows (data.packing); the same tokens, so the step-time ratio is the tokens/s ratio. MFU (GPU
+only) counts the LLM's matmul FLOPs (6 N per token for the non-embedding weights, plus attention
 12 L d s) against the device's peak bf16 FLOP/s (--peak-tflops, 989 for an H100 SXM dense).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import statistics
 import sys
 import time
 
@@ -22,10 +33,21 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from janusflow.config import model_config  # noqa: E402
-from janusflow.data.mixture import Batch  # noqa: E402
+from janusflow.config import load_recipe, model_config  # noqa: E402
+from janusflow.data.mixture import Batch, collate_ar  # noqa: E402
 from janusflow.models.janusflow import JanusFlow  # noqa: E402
-from janusflow.train.trainer import TrainModule  # noqa: E402
+from janusflow.tokenizer import ByteTokenizer  # noqa: E402
+from janusflow.train.trainer import TrainModule, apply_speed_options  # noqa: E402
+
+RECIPES = {"shapes": "2to8", "tiny": "tiny", "janusflow-1.3b": "janusflow-1.3b"}
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    module: TrainModule
+    batch: Batch
+    times: list[float] = dataclasses.field(default_factory=list)
 
 
 def synthetic_batch(model: JanusFlow, n_und: int, n_gen: int, n_text: int, prompt_len: int, text_len: int,
@@ -43,6 +65,7 @@ def synthetic_batch(model: JanusFlow, n_und: int, n_gen: int, n_text: int, promp
         mask[:n_und, 1:1 + n_img] = True
         size = cfg.und_encoder.image_size
         batch.ar = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+                    "sample_index": torch.arange(rows)[:, None].expand(rows, width),
                     "pixel_values": torch.randn(n_und, 3, size, size, generator=g) if n_und else None,
                     "image_seq_mask": mask, "is_und": torch.arange(rows) < n_und}
     if n_gen:
@@ -55,69 +78,159 @@ def synthetic_batch(model: JanusFlow, n_und: int, n_gen: int, n_text: int, promp
     return batch.to(device, dtype)
 
 
+def varied_ar_batches(model: JanusFlow, n_und: int, n_text: int, min_len: int, max_len: int,
+                      device: torch.device, dtype: torch.dtype) -> tuple[Batch, Batch, int]:
+    """The same und + text samples of random lengths collated unpacked and packed; and their token count."""
+    tok = ByteTokenizer()
+    n_img = model.vision_und_enc_model.num_patches
+    size = model.config.und_encoder.image_size
+    g = torch.Generator().manual_seed(0)
+    samples, tasks = [], []
+    for i in range(n_und + n_text):
+        n = int(torch.randint(min_len, max_len + 1, (), generator=g))
+        ids = torch.randint(0, 250, (n,), generator=g).tolist()
+        if i < n_und:
+            ids = [tok.bos_id, tok.boi_id] + [tok.image_id] * n_img + ids
+            samples.append({"ids": ids, "labels": ids, "pixels": torch.randn(3, size, size, generator=g)})
+        else:
+            samples.append({"ids": [tok.bos_id] + ids, "labels": [tok.bos_id] + ids})
+        tasks.append("und" if i < n_und else "text")
+    tokens = sum(len(s["ids"]) for s in samples)
+    plain, packed = (Batch(len(samples), ar=collate_ar(samples, tok, tasks, pack=p)).to(device, dtype)
+                     for p in (False, True))
+    return plain, packed, tokens
+
+
+def with_cached_repa(model: JanusFlow, batch: Batch) -> Batch:
+    """The batch as the data stream yields it when REPA's targets are cached (features, no pixels)."""
+    gen = dict(batch.gen)
+    with torch.no_grad():
+        gen["repa_feats"] = model.vision_und_enc_model(gen.pop("repa_pixels"))
+    return Batch(batch.size, batch.ar, gen, batch.counts)
+
+
 def llm_flops_per_token(model: JanusFlow, seq_len: int) -> float:
     c = model.config.llm
     n = sum(p.numel() for n_, p in model.language_model.named_parameters() if "embed_tokens" not in n_)
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
-def time_steps(module: TrainModule, batch: Batch, steps: int, warmup: int, device: torch.device) -> float:
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
-    for i in range(warmup + steps):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        module(batch)["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+
+
+def time_interleaved(variants: list[Variant], rounds: int, steps: int, warmup: int, device: torch.device) -> None:
+    """Append the mean step time of each round to ``variant.times``; one AdamW over every parameter."""
+    params = {id(p): p for v in variants for p in v.module.parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-5, fused=device.type == "cuda")
+
+    def step(v: Variant) -> None:
+        v.module(v.batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for v in variants:
+        for _ in range(warmup):
+            step(v)
+    for r in range(rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(v)
+            _sync(device)
+            v.times.append((time.perf_counter() - t0) / steps)
+
+
+def ratio(v: Variant, base: Variant) -> float:
+    return statistics.median(a / b for a, b in zip(v.times, base.times))
+
+
+def report(variants: list[Variant]) -> None:
+    base = variants[0]
+    for v in variants:
+        print(f"  {v.name:<26} step {statistics.median(v.times):.3f} s (median of {len(v.times)} rounds)   "
+              f"time x{ratio(v, base):.3f} vs {base.name}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="shapes")
-    ap.add_argument("--batch", type=int, default=16, help="samples per step, split und:gen:text = 2:8:0")
+    ap.add_argument("--batch", type=int, default=16, help="samples per step, und:gen (or und:text) = 2:8")
+    ap.add_argument("--compare", default="repa", choices=["repa", "checkpointing", "compile", "packing"])
     ap.add_argument("--prompt-len", type=int, default=40)
     ap.add_argument("--text-len", type=int, default=40)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--pack-lengths", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"),
+                    help="--compare packing: text lengths drawn uniformly in [MIN, MAX]")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU)")
-    ap.add_argument("--repa-layer", type=int, default=None)
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--recipe", default=None, help="REPA layer and projector width from this recipe "
+                    "(default: the preset's own: shapes -> 2to8, tiny -> tiny, janusflow-1.3b -> janusflow-1.3b)")
+    ap.add_argument("--repa-hidden", type=int, default=None, help="override the recipe's projector width")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = model_config(args.preset)
-    model = JanusFlow(cfg).to(device, dtype).train()
-    model.vision_und_enc_model.requires_grad_(False)  # stage 2: everything but SigLIP
-    if args.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable()
+    repa = load_recipe(args.recipe or RECIPES.get(args.preset, "janusflow-1.3b")).train.repa
+    layer, hidden = min(repa.layer, cfg.llm.num_hidden_layers), args.repa_hidden or repa.hidden_dim
+
+    def model(**speed) -> JanusFlow:
+        torch.manual_seed(0)
+        m = JanusFlow(cfg).to(device, dtype).train()
+        m.vision_und_enc_model.requires_grad_(False)  # stage 2: everything but SigLIP
+        apply_speed_options(m, speed.get("checkpointing", False), speed.get("compile", False))
+        return m
+
+    def module(m: JanusFlow, weight: float = 1.0) -> TrainModule:
+        return TrainModule(m, weight, layer, hidden).to(device, dtype)
+
+    base = model()
     latent_side = cfg.gen_image_size // (8 if args.preset == "janusflow-1.3b" else 4 if args.preset == "shapes" else 2)
     n_und = max(1, round(0.2 * args.batch))
-    batch = synthetic_batch(model, n_und, args.batch - n_und, 0, args.prompt_len, args.text_len, latent_side,
+    batch = synthetic_batch(base, n_und, args.batch - n_und, 0, args.prompt_len, args.text_len, latent_side,
                             device, dtype)
-    layer = args.repa_layer or min(6, cfg.llm.num_hidden_layers)
-    results = {}
-    for name, weight in (("repa_on", 1.0), ("repa_off", 0.0)):
-        module = TrainModule(model, weight, layer, min(2048, 4 * cfg.llm.hidden_size)).to(device, dtype)
-        results[name] = time_steps(module, batch, args.steps, args.warmup, device)
-    gen_tokens = model.num_gen_tokens((latent_side, latent_side))
-    und_tokens = model.vision_und_enc_model.num_patches + 1 + args.text_len
+    gen_tokens = base.num_gen_tokens((latent_side, latent_side))
+    und_tokens = base.vision_und_enc_model.num_patches + 1 + args.text_len
     tokens = (args.batch - n_und) * (args.prompt_len + 1 + gen_tokens) + n_und * und_tokens
-    step = results["repa_on"]
-    print(f"preset {args.preset}, device {device}, {dtype}, batch {args.batch} ({n_und} und + "
-          f"{args.batch - n_und} gen), {tokens} LLM tokens per step")
-    print(f"step time (REPA on):  {step:.3f} s  -> {tokens / step:,.0f} tokens/s, {args.batch / step:.2f} samples/s")
-    print(f"step time (REPA off): {results['repa_off']:.3f} s")
-    print(f"REPA overhead: {100 * (step / results['repa_off'] - 1):+.1f}% of the step time")
-    if device.type == "cuda":
+    rows = f"{n_und} und + {args.batch - n_und} gen"
+    if args.compare == "repa":
+        on = module(base)
+        variants = [Variant("REPA off", module(base, 0.0), batch), Variant("REPA on, live SigLIP", on, batch),
+                    Variant("REPA on, cached targets", on, with_cached_repa(base, batch))]
+    elif args.compare in ("checkpointing", "compile"):
+        option = {"checkpointing": "activation checkpointing", "compile": "torch.compile gen enc/dec"}[args.compare]
+        variants = [Variant("plain", module(base), batch),
+                    Variant(option, module(model(**{args.compare: True})), batch)]
+    else:
+        plain, packed, tokens = varied_ar_batches(base, n_und, args.batch - n_und, *args.pack_lengths, device, dtype)
+        rows = f"{n_und} und + {args.batch - n_und} text, text lengths {args.pack_lengths[0]}-{args.pack_lengths[1]}"
+        print(f"packing: {plain.ar['input_ids'].numel()} -> {packed.ar['input_ids'].numel()} positions "
+              f"({plain.ar['input_ids'].shape[0]} -> {packed.ar['input_ids'].shape[0]} rows) for {tokens} tokens")
+        m = module(base)
+        variants = [Variant("unpacked", m, plain), Variant("packed", m, packed)]
+    print(f"preset {args.preset}, device {device}, {dtype}, batch {args.batch} ({rows}), {tokens} LLM tokens per "
+          f"step, REPA layer {layer}, projector {hidden}, {torch.get_num_threads()} threads")
+    time_interleaved(variants, args.rounds, args.steps, args.warmup, device)
+    report(variants)
+    if args.compare == "repa":
+        for v in variants[1:]:
+            overhead = 100 * (ratio(v, variants[0]) - 1)
+            print(f"REPA overhead ({v.name.split(', ')[1]}): {overhead:+.1f}% of the step time")
+    else:
+        print(f"{variants[1].name} vs {variants[0].name}: tokens/s x{1 / ratio(variants[1], variants[0]):.3f}")
+    step = statistics.median(variants[-1].times)
+    print(f"{variants[-1].name}: {tokens / step:,.0f} LLM tokens/s, {args.batch / step:.2f} samples/s")
+    if device.type == "cuda" and args.compare != "packing":
         seq = args.prompt_len + 1 + gen_tokens
-        mfu = llm_flops_per_token(model, seq) * tokens / step / (args.peak_tflops * 1e12)
+        mfu = llm_flops_per_token(base, seq) * tokens / step / (args.peak_tflops * 1e12)
         print(f"MFU (LLM matmuls, peak {args.peak_tflops:.0f} TFLOP/s): {100 * mfu:.1f}%")
 
 

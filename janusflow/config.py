@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ from typing import Any, Literal
 import yaml
 
 from janusflow.tokenizer import OFFICIAL_SYSTEM_PROMPT
+
+_FLOAT_WITHOUT_DOT = re.compile(r"[-+]?\d+[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -103,6 +107,11 @@ class ModelConfig:
     gen_decoder: GenDecoderConfig = field(default_factory=GenDecoderConfig)
     gen_image_size: int = 384
     """Pixel size of generated images (the codec turns it into the latent size)."""
+    und_encoder_kind: Literal["siglip", "shared_gen", "separate_gen"] = "siglip"
+    """The understanding image encoder: ``siglip`` (JanusFlow, decoupled), ``shared_gen`` (VAE latents through
+    the generation encoder and aligner at t = 1: one encoder for both tasks, the paper's ablation B) or
+    ``separate_gen`` (VAE latents through a second encoder + aligner of the generation encoder's architecture,
+    ablation C). SigLIP is built in every case: it stays REPA's target and the FD feature space."""
 
 
 @dataclass
@@ -163,6 +172,16 @@ class DataConfig:
     und_system_prompt: str = OFFICIAL_SYSTEM_PROMPT
     """System prompt of understanding conversations (the official one by default)."""
     cache_latents: bool = True
+    cache_repa_features: bool = True
+    """With cache_latents, also cache REPA's target (the frozen SigLIP's features of each gen image, fp16) in
+    stages where SigLIP is frozen, instead of running SigLIP every step; recomputed when SigLIP's weights change."""
+    num_workers: int = 0
+    """Worker processes that build the next steps' batches ahead of the training step (a torch DataLoader; pinned
+    memory on GPU). The batches are the same as with 0 (built in the training process); resume stays exact."""
+    packing: bool = False
+    """Pack several understanding/text samples into one row of a micro-batch (rows no longer than its longest
+    sample; attention and positions per sample), instead of one right-padded row each: less padding computed.
+    The losses are the same per-sample means."""
     max_bad_fraction: float = 0.5
     """Stop with an error when more than this fraction of the first records read are broken."""
 
@@ -227,6 +246,8 @@ class PrepConfig:
     siglip_steps: int = 0
     """Pretrain the small SigLIP with the sigmoid loss on image-caption pairs (0 = skip)."""
     siglip_batch_size: int = 64
+    tokenizer_vocab_size: int = 0
+    """Train a byte-level BPE tokenizer of this size on the shapes world's text and use it (0 = use ``tokenizer``)."""
 
 
 @dataclass
@@ -263,7 +284,12 @@ class TrainConfig:
     time_sampling: TimeSamplingConfig = field(default_factory=TimeSamplingConfig)
     max_bad_steps: int = 5
     """Stop after this many consecutive non-finite losses/gradients."""
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
+    """Recompute the LLM's and SigLIP's block activations in the backward pass instead of storing them
+    (transformers / timm checkpointing, non-reentrant): much less activation memory, ~1/3 more compute."""
+    compile: bool = False
+    """torch.compile the generation encoder and decoder (the convolutional parts; the LLM and SigLIP already
+    run fused SDPA kernels). The first steps are slow while it compiles; the maths is unchanged."""
 
 
 @dataclass
@@ -340,7 +366,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str) and _FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e308:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
@@ -357,7 +385,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         data = _deep_merge(model_preset_dict(data["preset"], prefix), data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(str, set(data) - names))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
@@ -386,12 +414,29 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Sizes, counts and intervals that must be >= 1 (zero fails later in a division or an empty batch).
+_POSITIVE = {
+    LLMConfig: ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "max_position_embeddings"),
+    UndEncoderConfig: ("image_size", "patch_size", "width", "heads"),
+    GenEncoderConfig: ("latent_channels", "channels", "kernel_size", "stride"),
+    GenDecoderConfig: ("upsamples",),
+    ModelConfig: ("gen_image_size",),
+    DataConfig: ("max_seq_len", "max_text_len"),
+    TrainConfig: ("save_every", "keep_checkpoints", "max_bad_steps"),
+    LoggingConfig: ("log_every", "sample_steps"),
+}
+
+
 def _validate(obj: Any, prefix: str) -> None:
     """Value checks that types alone cannot express."""
 
     def bad(name: str, msg: str) -> None:
         raise ConfigError(f"{prefix + '.' if prefix else ''}{name}: {msg}")
 
+    for name in _POSITIVE.get(type(obj), ()):
+        if getattr(obj, name) < 1:
+            bad(name, f"must be >= 1, got {getattr(obj, name)}")
     if isinstance(obj, LLMConfig):
         if obj.hidden_size % obj.num_attention_heads:
             bad("hidden_size", f"{obj.hidden_size} is not divisible by num_attention_heads={obj.num_attention_heads}")
@@ -404,8 +449,8 @@ def _validate(obj: Any, prefix: str) -> None:
             bad("max_steps", "must be >= 1")
         if obj.batch_size < 1 or obj.micro_batch_size < 1:
             bad("batch_size", "batch sizes must be >= 1")
-        if obj.lr <= 0:
-            bad("lr", "must be > 0")
+        if not 0 < obj.lr < math.inf:
+            bad("lr", f"must be a number > 0, got {obj.lr}")
         if not obj.mixture:
             bad("mixture", "needs at least one phase")
         for i, ph in enumerate(obj.mixture):
@@ -422,6 +467,24 @@ def _validate(obj: Any, prefix: str) -> None:
             bad("betas", "needs two values")
     if isinstance(obj, DataConfig) and not 0.0 <= obj.cfg_drop_prob < 1.0:
         bad("cfg_drop_prob", "must be in [0, 1)")
+    if isinstance(obj, DataConfig) and obj.num_workers < 0:
+        bad("num_workers", f"must be >= 0, got {obj.num_workers}")
+    if isinstance(obj, DataConfig) and not 0.0 <= obj.max_bad_fraction <= 1.0:
+        bad("max_bad_fraction", f"must be in [0, 1], got {obj.max_bad_fraction}")
+    if isinstance(obj, Recipe):
+        if not obj.stages:
+            bad("stages", "needs at least one stage")
+        bpe = obj.prep.tokenizer_vocab_size
+        if bpe and not obj.data.shapes.enabled:
+            bad("prep.tokenizer_vocab_size", "trains on the shapes world: it needs data.shapes.enabled")
+        if 0 < bpe < 256 + 7:
+            bad("prep.tokenizer_vocab_size", f"a byte-level BPE needs >= 263 tokens (bytes + specials), got {bpe}")
+        if bpe > obj.model.llm.vocab_size:
+            bad("prep.tokenizer_vocab_size", f"{bpe} is larger than model.llm.vocab_size={obj.model.llm.vocab_size}")
+        try:
+            obj.run_dir.format(name=obj.name)
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+            bad("run_dir", f"{obj.run_dir!r} is not a valid path template ({{name}} is its only field): {e!r}")
 
 
 def _parse_scalar(text: str) -> Any:
@@ -442,12 +505,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if isinstance(node, list):
                 idx = _list_index(node, part, key)
                 node = node[idx]
-            else:
+            elif isinstance(node, dict):
                 if part not in node or node[part] is None:
                     node[part] = [] if nxt.isdigit() else {}
                 node = node[part]
+            else:
+                raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is {node!r}, not a mapping or a list")
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is {node!r}, not a mapping or a list")
         last = parts[-1]
-        value = _parse_scalar(raw)
+        try:
+            value = _parse_scalar(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: {raw!r} is not a valid YAML value ({_yaml_problem(e)})") from None
         if isinstance(node, list):
             node[_list_index(node, last, key)] = value
         else:
@@ -472,19 +542,32 @@ def recipe_path(name_or_path: str) -> Path:
     raise ConfigError(f"recipe {name_or_path!r} not found (looked for recipes/{name_or_path}.yaml)")
 
 
-def load_yaml_with_base(path: Path) -> dict:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A one-line description of a YAML error: what and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
+
+
+def load_yaml_with_base(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a recipe; a top-level ``base: other.yaml`` key is loaded first and deep-merged under it."""
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {path}: its base recipes form a cycle")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {path} cannot be read: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping at top level")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"recipe {path}: base must be a recipe file name, got {base!r}")
     if base:
-        data = _deep_merge(load_yaml_with_base(path.parent / base), data)
+        data = _deep_merge(load_yaml_with_base(path.parent / base, (*_seen, path.resolve())), data)
     return data
 
 
@@ -533,7 +616,7 @@ MODEL_PRESETS: dict[str, Any] = {
 
 
 def model_preset_dict(name: str, prefix: str = "model") -> dict:
-    if name not in MODEL_PRESETS:
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
         raise ConfigError(f"{prefix}.preset: unknown model preset {name!r} (choose from {sorted(MODEL_PRESETS)})")
     return {"preset": name, **MODEL_PRESETS[name]()}
 

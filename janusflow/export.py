@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from janusflow.models.und_inputs import num_und_tokens
 from janusflow.tokenizer import OFFICIAL_SYSTEM_PROMPT
 
 PROCESSOR_FILE = "processor_config.json"
@@ -39,6 +40,7 @@ def export_model(path: str | Path, model, codec, tokenizer, system_prompt: str, 
     path = Path(path)
     model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
-    write_processor_config(path, system_prompt, model.vision_und_enc_model.num_patches)
+    latent_hw = codec.latent_shape(model.config.gen_image_size)[1:]
+    write_processor_config(path, system_prompt, num_und_tokens(model.config, latent_hw))
     codec.save_pretrained(path / "vae")
     return path

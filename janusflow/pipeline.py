@@ -24,14 +24,16 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from janusflow.data.sources import und_transform
 from janusflow.export import read_processor_config
 from janusflow.models.codec import LatentCodec
 from janusflow.models.janusflow import JanusFlow
+from janusflow.models.official_format import read_model_config
+from janusflow.models.und_inputs import num_und_tokens, und_encoder_inputs, und_pixels, uses_vae
 from janusflow.sampling import SOLVERS, generate_text, sample_latents, to_uint8
 from janusflow.tokenizer import (
     TOKENIZER_FILE,
     Tokenizer,
+    check_vocab,
     expand_image_tokens,
     gen_prompt,
     image_seq_mask,
@@ -84,22 +86,36 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> 
 
 def load_pipeline(model_dir: str | Path, vae_dir: str | Path | None = None, device: str | torch.device = "cpu",
                   dtype: str | torch.dtype | None = None, load_vae: bool = True) -> Pipeline:
-    """Load model, tokenizer, prompt settings and (unless ``load_vae=False``, e.g. for chat only) the VAE."""
+    """Load model, tokenizer, prompt settings and (unless ``load_vae=False``, e.g. for chat only) the VAE.
+
+    A model whose understanding encoder reads VAE latents (``und_encoder_kind`` shared_gen / separate_gen)
+    always gets its VAE."""
     path = resolve_model_dir(model_dir)
     if not (path / TOKENIZER_FILE).exists() and not (path / "tokenizer_config.json").exists():
         raise PipelineError(f"{path} has no tokenizer ({TOKENIZER_FILE} or HF tokenizer files)")
     dtype = parse_dtype(dtype, device)
     codec = None
-    if load_vae:
-        vae = AutoencoderKL.from_pretrained(str(resolve_vae_dir(path, vae_dir)), low_cpu_mem_usage=False)
+    if load_vae or uses_vae(read_model_config(path)):
+        vae = read_vae(resolve_vae_dir(path, vae_dir))
         # The SDXL-VAE overflows in float16 (the official demo notes it); decode it in float32 then.
         codec = LatentCodec(vae).to(device, torch.float32 if dtype == torch.float16 else dtype)
     model = JanusFlow.from_pretrained(path, dtype=dtype, device=device).eval()
     if codec is not None and codec.latent_channels != model.config.gen_encoder.latent_channels:
         raise PipelineError(f"the VAE has {codec.latent_channels} latent channels but the model expects "
                             f"{model.config.gen_encoder.latent_channels}: pass the VAE it was trained with (--vae)")
+    tokenizer = load_tokenizer(path)
+    check_vocab(tokenizer, model.config.llm.vocab_size, f"in {path}")
     system_prompt = read_processor_config(path)["system_prompt"]
-    return Pipeline(model, codec, load_tokenizer(path), system_prompt)
+    return Pipeline(model, codec, tokenizer, system_prompt)
+
+
+def read_vae(path: Path) -> AutoencoderKL:
+    from safetensors import SafetensorError
+
+    try:
+        return AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False)
+    except (OSError, ValueError, SafetensorError) as e:  # a broken config.json or weight file
+        raise PipelineError(f"cannot load the VAE in {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -230,6 +246,17 @@ class Pipeline:
     def latent_shape(self) -> tuple[int, int, int]:
         return self.codec.latent_shape(self.model.config.gen_image_size)
 
+    def num_und_tokens(self) -> int:
+        """Image placeholders per understanding image."""
+        cfg = self.model.config
+        return num_und_tokens(cfg, self.latent_shape()[1:] if uses_vae(cfg) else None)
+
+    def und_encoder_inputs(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> the model's understanding input on its device (janusflow.models.und_inputs)."""
+        pixels = torch.stack([und_pixels(im, self.model.config) for im in images])
+        pixels = und_encoder_inputs(pixels.to(self.device), self.model.config, self.codec)
+        return pixels.to(self.device, self.model.dtype_for_llm)
+
     def gen_ids(self, prompt: str) -> list[int]:
         """Token ids of a text-to-image prompt, checked against the context length."""
         ids = self.tokenizer.encode(gen_prompt(prompt))
@@ -282,13 +309,11 @@ class Pipeline:
         """The model's answer to ``question`` about ``image`` (greedy at temperature 0)."""
         tok, model = self.tokenizer, self.model
         ids = tok.encode(und_prompt(question, self.system_prompt))
-        ids = torch.tensor([expand_image_tokens(ids, tok, model.vision_und_enc_model.num_patches)], device=self.device)
+        ids = torch.tensor([expand_image_tokens(ids, tok, self.num_und_tokens())], device=self.device)
         if ids.shape[1] + max_new_tokens > self.max_context:
             raise PipelineError(f"the question is {ids.shape[1]} tokens with the image; with max_new_tokens="
                                 f"{max_new_tokens} it exceeds the context of {self.max_context} tokens")
-        und = model.config.und_encoder
-        pixels = und_transform(image, und.image_size, und.image_mean, und.image_std)[None]
-        pixels = pixels.to(self.device, model.dtype_for_llm)
+        pixels = self.und_encoder_inputs([image])
         embeds = model.und_inputs_embeds(ids, pixels, image_seq_mask(ids, tok))
         out = generate_text(model, embeds, torch.ones_like(ids), eos_id=tok.eos_id, pad_id=tok.pad_id,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -126,6 +126,7 @@ def sample_latents(model, input_ids: torch.Tensor, noise: torch.Tensor, *, steps
     """
     if input_ids.shape[0] != noise.shape[0]:
         raise ValueError(f"{input_ids.shape[0]} prompts but {noise.shape[0]} noise samples")
+    model.vision_gen_enc_model.check_input(noise)
     max_len = model.config.llm.max_position_embeddings
     n_tokens = model.num_gen_tokens(noise.shape[-2:])
     if input_ids.shape[1] + n_tokens > max_len:

@@ -92,18 +92,29 @@ class HFTokenizer(_SpecialIds):
     """A local HuggingFace tokenizer (e.g. the official JanusFlow one); missing specials are added."""
 
     def __init__(self, path: str | Path):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-        self.tok = AutoTokenizer.from_pretrained(str(path))
+        # A model directory's config.json (model_type multi_modality) is not a tokenizer's: when the tokenizer
+        # names its own class, keep AutoTokenizer from reading it (and warning about it).
+        cfg_file = Path(path) / "tokenizer_config.json"
+        names_class = cfg_file.exists() and "tokenizer_class" in json.loads(cfg_file.read_text())
+        kwargs = {"config": PretrainedConfig()} if names_class else {}
+        self.tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
         missing = [t for t in SPECIAL_TOKENS[3:] if t not in self.tok.get_vocab()]
         if missing:
             self.tok.add_special_tokens({"additional_special_tokens": missing})
+        self.added_specials = missing
+        """Special tokens this directory lacked, added as the official processor does (ids from its length on)."""
         self.vocab_size = len(self.tok)
-        vocab = self.tok.get_vocab()
-        self._set_ids(lambda t: vocab.get(t, self.tok.eos_token_id if t == PAD else None))
+        self._set_ids(self.tok.get_vocab().get)
+        # A tokenizer of another family has its own BOS/EOS; padding falls back to EOS, as officially.
         self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.bos_id
+        self.eos_id = self.eos_id if self.eos_id is not None else self.tok.eos_token_id
+        self.pad_id = self.pad_id if self.pad_id is not None else self.eos_id
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"the tokenizer in {path} has no begin- or end-of-sentence token ({BOS}, {EOS})")
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False)
@@ -117,6 +128,15 @@ class HFTokenizer(_SpecialIds):
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int, where: str) -> None:
+    """Every id the tokenizer can produce must have an embedding: a clear error instead of an index error in torch."""
+    if tok.vocab_size > vocab_size:
+        added = getattr(tok, "added_specials", None)
+        extra = f", including the special tokens it lacked and that were added ({', '.join(added)})" if added else ""
+        raise ValueError(f"the tokenizer {where} has {tok.vocab_size} tokens{extra}, but the model's vocabulary "
+                         f"(llm.vocab_size) has {vocab_size}: it is not the tokenizer of this model")
 
 
 def load_tokenizer(path: str | Path | None = None, kind: str = "byte", vocab_size: int = 272) -> Tokenizer:
@@ -163,3 +183,31 @@ def expand_image_tokens(ids: list[int], tok: Tokenizer, num_image_tokens: int) -
 def image_seq_mask(ids, tok: Tokenizer):
     """Positions that receive image embeddings: each <begin_of_image> and its placeholders."""
     return (ids == tok.image_id) | (ids == tok.boi_id)
+
+
+# ----------------------------------------------------------------------------- training a small BPE
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, path: str | Path) -> HFTokenizer:
+    """Train a byte-level BPE (HF ``tokenizers``) on ``texts`` and save it as a HF tokenizer directory.
+
+    The embedded default uses it instead of raw bytes: its prompts become ~4x shorter, so a step of
+    the same batch is cheaper, and the model trains through the same HF tokenizer path as a real run.
+    Every byte is in the alphabet, so any text still encodes (no unknown token).
+    """
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"a byte-level BPE needs vocab_size >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=SPECIAL_TOKENS[3:])
+    fast.save_pretrained(str(path))
+    return HFTokenizer(path)

@@ -13,6 +13,17 @@ import torch  # noqa: E402
 from janusflow.config import model_config  # noqa: E402
 from janusflow.models.janusflow import JanusFlow  # noqa: E402
 
+DISTRIBUTED_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: without the rendezvous variables an in-process Trainer set.
+
+    (A child that inherits MASTER_PORT would try to bind the port this process's process group holds.)
+    """
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARS}
+    return {**env, **extra}
+
 
 def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Give every parameter (including zero-initialised GRN / beg_of_und_embed) non-trivial values."""

@@ -1,7 +1,6 @@
 """Checkpoints: an interrupted write never becomes `latest`; kill -9 at random points resumes exactly."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from janusflow.train.checkpoint import CheckpointManager
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def _cmd(run: Path) -> list[str]:
 
 
 def test_kill_9_at_random_points_then_resume_matches(tmp_path):
-    env = {**os.environ, "JANUSFLOW_CACHE": str(tmp_path / "_cache"), "DS_ACCELERATOR": "cpu",
+    env = {**subprocess_env(), "JANUSFLOW_CACHE": str(tmp_path / "_cache"), "DS_ACCELERATOR": "cpu",
            "WANDB_MODE": "disabled"}
     subprocess.run(_cmd(tmp_path / "ref"), env=env, check=True, capture_output=True, timeout=600)
     ref = _metrics(tmp_path / "ref")

@@ -58,3 +58,8 @@ def test_missing_recipe_is_clear():
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(str(path))
     assert recipe.stages and recipe.name
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    # YAML 1.1 reads 1e-3 as a string; an lr written that way must still load.
+    assert load_recipe("tiny", ["stages.0.lr=1e-3"]).stages[0].lr == 1e-3

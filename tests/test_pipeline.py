@@ -1,7 +1,6 @@
 """The inference pipeline and its tools: seeds, sample.py / chat.py CLIs, errors, the Gradio demo."""
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from janusflow.export import export_model
 from janusflow.models.codec import LatentCodec
 from janusflow.pipeline import PipelineError, load_pipeline
 from janusflow.tokenizer import ByteTokenizer
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "two blue squares above a green triangle", "a star"]
@@ -34,7 +34,7 @@ def pipe(model_dir):
 
 
 def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env(HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, f"tools/{tool}", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 

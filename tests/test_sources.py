@@ -181,11 +181,11 @@ def test_caption_jsonl_skips_and_counts_bad_records(tmp_path):
     ]
     (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
     ds = open_source(tmp_path / "caps.jsonl", "caption_jsonl", image_root=tmp_path / "imgs")
-    assert ds.stats["bad_json"] == 2 and len(ds) == len(cases) + 4
+    assert ds.stats == {} and len(ds) == len(cases) + 6  # broken lines are records, counted when read
     records = read_all(ds)
     check_converted(records, cases)
     assert records[0].caption == "caption of good.png"
-    assert records[len(cases) :] == [None] * 4
+    assert records[len(cases) :] == [None] * 6
     assert ds.stats == {"ok": 10, "bad_json": 2, "bad_image": 3, "missing_file": 1, "empty_text": 2, "bad_record": 2}
     assert "truncated" in ds.last_error["bad_image"] or "not_an_image" in ds.last_error["bad_image"]
 
@@ -232,10 +232,11 @@ def test_llava_json_skips_and_counts_bad_records(tmp_path):
         "multi_image": 1,
     }
 
-    # the JSONL variant counts broken lines at init
+    # the JSONL variant: a broken line is a record counted as bad_json when read
     (tmp_path / "und.jsonl").write_text(json.dumps(entries[0]) + "\n{broken\n" + json.dumps(entries[1]) + "\n")
     ds = LlavaJsonSource(tmp_path / "und.jsonl", image_root=tmp_path / "imgs")
-    assert len(ds) == 2 and ds.stats == {"bad_json": 1}
+    assert len(ds) == 3 and ds.stats == {}
+    assert ds[1] is None and ds.stats == {"bad_json": 1} and "und.jsonl:2" in ds.last_error["bad_json"]
 
 
 def tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -293,12 +294,12 @@ def test_text_jsonl_skips_and_counts_bad_lines(tmp_path):
         '{"text": " one line. "}\n{"text": ""}\n{broken\n"a bare string"\n{"txt": "wrong key"}\n7\n\n'
     )
     ds = TextJsonlSource(tmp_path / "t.jsonl")
-    assert len(ds) == 5 and ds.stats == {"bad_json": 1}
-    assert read_all(ds) == [TextRecord("one line."), None, TextRecord("a bare string"), None, None]
+    assert len(ds) == 6 and ds.stats == {}
+    assert read_all(ds) == [TextRecord("one line."), None, None, TextRecord("a bare string"), None, None]
     assert ds.stats == {"bad_json": 1, "ok": 2, "empty_text": 2, "bad_record": 1}
     assert ds[-1] is None and list(ds)[0] == TextRecord("one line.")
     with pytest.raises(IndexError):
-        ds[5]
+        ds[6]
 
 
 def test_caption_source_default_image_root_is_the_files_folder(tmp_path):

@@ -8,8 +8,9 @@
    ``OUT/repa-off`` (weight 0). Everything else (data order, noise, t, CFG dropout, seeds) is the same, so the
    two ``recipe.json`` files differ only in ``stages.1.repa_weight`` (and ``run_dir``).
 3. Every ``--eval-every`` steps and at the end, the EMA model is evaluated (janusflow.eval.runner: shapes-GenEval,
-   FD in SigLIP space, VQA accuracy, RF validation loss) and logged as ``eval/*`` to metrics.jsonl and wandb
-   (offline unless WANDB_MODE says otherwise; one group, runs ``repa-on`` / ``repa-off``, curves overlay).
+   FD in SigLIP space, SigLIP image-text score, VQA accuracy, RF validation loss) and logged as ``eval/*`` to
+   metrics.jsonl and wandb (offline unless WANDB_MODE says otherwise; one group, runs ``repa-on`` / ``repa-off``,
+   curves overlay).
 4. ``OUT/compare_repa.png`` plots the curves; ``OUT/compare_repa.md`` tabulates the steps each arm needs to
    reach the levels REPA-off reaches, the speed-up, the final numbers and the time taken.
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from janusflow.config import ConfigError, Recipe, load_recipe  # noqa: E402
 from janusflow.eval.runner import evaluate_export, evaluate_model, load_eval_data  # noqa: E402
+from janusflow.eval.siglip_score import SigLIPJudge  # noqa: E402
 from janusflow.train.prep import cache_root  # noqa: E402
 from janusflow.train.trainer import Trainer  # noqa: E402
 
@@ -37,8 +39,9 @@ STAGE = 1  # the compared stage: unified pre-training
 ARMS = ("repa-on", "repa-off")
 # (metric key, label, lower is better) of the eval rows that get levels and speed-ups
 LEVEL_METRICS = (("eval/fd", "FD (SigLIP space)", True), ("eval/geneval/overall", "shapes-GenEval overall", False),
-                 ("eval/rf_val", "RF validation loss", True))
+                 ("eval/siglip_score", "SigLIP image-text score", False), ("eval/rf_val", "RF validation loss", True))
 PANELS = (("eval/fd", "FD vs held-out images (SigLIP space)"), ("eval/geneval/overall", "shapes-GenEval overall"),
+          ("eval/siglip_score", "SigLIP image-text score (generated vs prompt)"),
           ("eval/vqa_acc", "VQA accuracy (held-out)"), ("eval/rf_val", "RF validation loss (fixed t, noise)"),
           ("loss_rf", "training loss_rf"), ("loss_repa", "training loss_repa"))
 
@@ -60,6 +63,8 @@ class EvalTrainer(Trainer):
             raise ValueError("the recipe has no shapes dataset to evaluate on; pass --data DIR")
         k = self.eval_kwargs
         self.eval_data = load_eval_data(self.eval_dir, max(k["num_fd_images"], k["num_rf_images"]), k["num_vqa"])
+        siglip_dir = self.prep.get("siglip_dir")
+        self.judge = SigLIPJudge.from_dir(siglip_dir).to(self.device) if siglip_dir else None
 
     def run_stage(self, index, stage):
         if index == self.eval_stage and self.step0 is not None and not self._evaluated(stage.name, 0):
@@ -71,7 +76,7 @@ class EvalTrainer(Trainer):
         if index == self.eval_stage and self.rank == 0:
             start = time.time()
             results = evaluate_model(ema.model, self.codec, self.tokenizer, self.recipe.data.und_system_prompt,
-                                     self.eval_dir, data=self.eval_data, **self.eval_kwargs)
+                                     self.eval_dir, data=self.eval_data, siglip_judge=self.judge, **self.eval_kwargs)
             self._log_eval(stage, step, index, {**results, "seconds": time.time() - start})
         return path
 
@@ -128,7 +133,8 @@ def compare_repa(recipe: str, overrides: list[str], out: Path, *, steps: int | N
     data_dir = data_dir or shared.prep.get("data_dir")
     stage0_dir = shared.stage_dir(STAGE - 1).name
     start = time.time()
-    step0 = cached_eval(out / "step0_eval.json", out / "shared" / "export", data_dir, eval_kwargs)
+    step0 = cached_eval(out / "step0_eval.json", out / "shared" / "export", data_dir, eval_kwargs,
+                        shared.prep.get("siglip_dir"))
     times["step-0 evaluation (shared)"] = time.time() - start
     for name, w in zip(ARMS, (weight, 0.0)):
         start = time.time()
@@ -146,16 +152,17 @@ def compare_repa(recipe: str, overrides: list[str], out: Path, *, steps: int | N
     return summary
 
 
-def cached_eval(path: Path, export: Path, data_dir: str, eval_kwargs: dict) -> dict:
+def cached_eval(path: Path, export: Path, data_dir: str, eval_kwargs: dict, siglip_dir: str | None = None) -> dict:
     """The evaluation of ``export`` with these settings, computed once and kept in ``path``."""
+    settings = {**eval_kwargs, "siglip_dir": siglip_dir}
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved["settings"] == eval_kwargs:
+        if saved["settings"] == settings:
             return saved["results"]
     start = time.time()
-    results = evaluate_export(export, data_dir, **eval_kwargs)
+    results = evaluate_export(export, data_dir, siglip_dir=siglip_dir, **eval_kwargs)
     results["seconds"] = time.time() - start
-    path.write_text(json.dumps({"settings": eval_kwargs, "results": results}, indent=2))
+    path.write_text(json.dumps({"settings": settings, "results": results}, indent=2))
     return results
 
 
@@ -248,7 +255,7 @@ def plot(curves: dict, path: Path, recipe: str, stage: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     colors = {"repa-on": "tab:blue", "repa-off": "tab:orange"}
     for ax, (key, title) in zip(axes.flat, PANELS):
         for arm in ARMS:
@@ -265,6 +272,8 @@ def plot(curves: dict, path: Path, recipe: str, stage: str) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
     fig.suptitle(f"REPA on vs off: recipe {recipe}, stage {stage}, same start, data and seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

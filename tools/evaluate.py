@@ -1,6 +1,7 @@
-"""Evaluate an exported model on held-out shapes data: shapes-GenEval, FD, VQA accuracy, RF validation loss.
+"""Evaluate an exported model on held-out shapes data: shapes-GenEval, FD, SigLIP score, VQA accuracy, RF val loss.
 
     python tools/evaluate.py --model runs/2to8/export --data runs/_cache/shapes-XXXX --out results.json
+    python tools/evaluate.py --model runs/2to8 --data DIR --siglip runs/_cache/siglip-XXXX   # + SigLIP score
     python tools/evaluate.py --model runs/2to8 --data DIR --num-fd-images 128 --steps 30 --cfg 2.0 --seed 1
 
 The numbers are a function of the weights and --seed only (prompts, noise); see janusflow/eval/runner.py.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="exported model dir (or a run dir with export/)")
     p.add_argument("--data", required=True, help="shapes dataset dir (gen_val.jsonl, und_val.json)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--siglip", help="the prep's SigLIP folder (siglip.pt + text_tower.pt): adds the SigLIP "
+                                    "image-text score of the FD images vs their captions")
+    p.add_argument("--tasks", default="gen,und", help="gen (all but VQA), und (VQA) or gen,und")
     p.add_argument("--num-geneval", type=int, default=16, help="GenEval prompts per category")
     p.add_argument("--num-fd-images", type=int, default=256, help="held-out images (and generated ones) for FD")
     p.add_argument("--num-vqa", type=int, default=128, help="held-out questions")
@@ -42,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_fd_images < 2:
         p.error("--num-fd-images must be >= 2 (FD fits a covariance)")
+    if not math.isfinite(args.cfg):
+        p.error(f"--cfg must be a finite number, got {args.cfg}")
+    args.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if not args.tasks or set(args.tasks) - {"gen", "und"}:
+        p.error("--tasks must be gen, und or gen,und")
     return args
 
 
@@ -57,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate_export(args.model, args.data, num_geneval_per_category=args.num_geneval,
                                   num_fd_images=args.num_fd_images, num_vqa=args.num_vqa,
                                   num_rf_images=args.num_rf_images, steps=args.steps, cfg_weight=args.cfg,
-                                  seed=args.seed, batch_size=args.batch_size, device=args.device)
+                                  seed=args.seed, batch_size=args.batch_size, device=args.device,
+                                  siglip_dir=args.siglip, tasks=args.tasks)
     except (PipelineError, ValueError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ Files are named ``{prompt-slug}-seed{seed}-{index}.png``: the same seed and inde
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.seed < 0:
         p.error("--seed must be >= 0")
+    if not math.isfinite(args.cfg):
+        p.error(f"--cfg must be a finite number, got {args.cfg}")
     return args
 
 

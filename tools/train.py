@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from janusflow.config import ConfigError, load_recipe  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="2to8", help="recipe name (recipes/NAME.yaml) or a YAML path")
     parser.add_argument("--resume", default="auto",
@@ -24,19 +24,29 @@ def main() -> int:
     # The deepspeed launcher appends --local_rank=N.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.max_steps=50 train.seed=1")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.resume not in ("auto", "none", "weights"):
-        parser.error("--resume must be auto, none or weights")
+        parser.error(f"--resume must be auto, none or weights, got {args.resume!r}")
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        parser.error("--stop-after-steps must be >= 1")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-    from janusflow.train.trainer import Trainer
+    from janusflow.data.mixture import DataError
+    from janusflow.train.trainer import NonFiniteError, ResumeError, Trainer
 
-    Trainer(recipe, resume=args.resume, stop_after_steps=args.stop_after_steps).run()
+    try:
+        Trainer(recipe, resume=args.resume, stop_after_steps=args.stop_after_steps).run()
+    except (ValueError, OSError, DataError, NonFiniteError, ResumeError) as e:  # bad input, full disk, broken data
+        return fail(e)
     return 0
+
+
+def fail(error: Exception) -> int:
+    print(f"train.py: error: {error}", file=sys.stderr)
+    return 2
 
 
 def _has_cuda() -> bool:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from janusflow.config import DataConfig, MixturePhase, ModelConfig, TimeSamplingConfig
+from janusflow.config import DataConfig, MixturePhase, ModelConfig, TimeSamplingConfig, UndEncoderConfig
 from janusflow.data.sources import (
     CaptionRecord,
     ConversationRecord,
@@ -27,6 +28,7 @@ from janusflow.data.sources import (
     und_transform,
 )
 from janusflow.flow import sample_t
+from janusflow.models.und_inputs import und_pixels
 from janusflow.tokenizer import EOS, IMAGE, Tokenizer, expand_image_tokens, sft_prompt
 
 log = logging.getLogger(__name__)
@@ -76,10 +78,18 @@ class Batch:
         def move(d):
             if d is None:
                 return None
-            return {k: (v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device))
+            return {k: v.to(device, dtype if v.is_floating_point() else None, non_blocking=True)
                     if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
         return Batch(self.size, move(self.ar), move(self.gen), self.counts)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (called by the DataLoader's pin-memory thread) for asynchronous host-to-GPU copies."""
+
+        def pin(d):
+            return d and {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+        return Batch(self.size, pin(self.ar), pin(self.gen), self.counts)
 
 
 class SampleBuilder:
@@ -88,10 +98,16 @@ class SampleBuilder:
     def __init__(self, tok: Tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig, system_prompt: str,
                  num_und_image_tokens: int):
         self.tok, self.data_cfg, self.system_prompt = tok, data_cfg, system_prompt
-        self.und_cfg = model_cfg.und_encoder
+        self.model_cfg, self.und_cfg = model_cfg, model_cfg.und_encoder
         self.gen_size = model_cfg.gen_image_size
         self.num_image_tokens = num_und_image_tokens
         self.stats: Counter = Counter()
+        # Truncating a conversation inside its image block would break every understanding sample.
+        head = f"{system_prompt}\n\n" if system_prompt else ""
+        first = expand_image_tokens(tok.encode(f"{head}User: {IMAGE}\n"), tok, num_und_image_tokens)
+        if len(first) >= data_cfg.max_seq_len:
+            raise ValueError(f"data.max_seq_len={data_cfg.max_seq_len} is too short: the system prompt and the "
+                             f"{num_und_image_tokens} image tokens of an understanding sample take {len(first)}")
 
     def _truncate(self, ids: list[int], limit: int, what: str) -> list[int]:
         if len(ids) > limit:
@@ -99,16 +115,18 @@ class SampleBuilder:
             return ids[:limit]
         return ids
 
-    def gen(self, rec: CaptionRecord, rng: random.Random, center_crop: bool) -> dict:
-        """Prompt = the official generation template without its last tag (t_emb takes its place)."""
+    def gen(self, rec: CaptionRecord, rng: random.Random, center_crop: bool,
+            repa_feats: torch.Tensor | None = None) -> dict:
+        """Prompt = the official generation template without its last tag (t_emb takes its place).
+        REPA's target is the SigLIP features of the same (clean, cropped) image: ``repa_feats`` when
+        cached, else the pixels SigLIP will see."""
         caption = self.tok.decode(self._truncate(self.tok.encode(rec.caption, add_bos=False),
                                                  self.data_cfg.max_text_len, "caption"))
         ids = self.tok.encode(sft_prompt(caption))
         image = gen_transform(rec.image, self.gen_size, rng if not center_crop else None)
-        und = self.und_cfg
-        # REPA's target: SigLIP features of the same (clean, cropped) image.
-        repa_pixels = und_transform(_to_pil(image), und.image_size, und.image_mean, und.image_std)
-        return {"ids": ids, "image": image, "repa_pixels": repa_pixels}
+        if repa_feats is not None:
+            return {"ids": ids, "image": image, "repa_feats": repa_feats}
+        return {"ids": ids, "image": image, "repa_pixels": repa_pixels(image, self.und_cfg)}
 
     def und(self, rec: ConversationRecord) -> dict:
         """Official SFT format; labels only on the assistant answers (+ EOS)."""
@@ -134,14 +152,19 @@ class SampleBuilder:
         ids, labels = self._truncate(ids, limit, "conversation"), labels[:limit]
         out = {"ids": ids, "labels": labels}
         if rec.image is not None:
-            und = self.und_cfg
-            out["pixels"] = und_transform(rec.image, und.image_size, und.image_mean, und.image_std)
+            out["pixels"] = und_pixels(rec.image, self.model_cfg)
         return out
 
     def text(self, rec: TextRecord) -> dict:
-        ids = [self.tok.bos_id] + self.tok.encode(rec.text, add_bos=False)[: self.data_cfg.max_text_len]
-        ids = self._truncate(ids, self.data_cfg.max_seq_len - 1, "text") + [self.tok.eos_id]
+        limit = min(self.data_cfg.max_text_len, self.data_cfg.max_seq_len - 2)  # room for BOS and EOS
+        ids = self._truncate(self.tok.encode(rec.text, add_bos=False), limit, "text")
+        ids = [self.tok.bos_id, *ids, self.tok.eos_id]
         return {"ids": ids, "labels": list(ids)}
+
+
+def repa_pixels(image: torch.Tensor, und: UndEncoderConfig) -> torch.Tensor:
+    """A gen image [3, S, S] in [-1, 1] -> the understanding encoder's input (its official transform)."""
+    return und_transform(_to_pil(image), und.image_size, und.image_mean, und.image_std)
 
 
 def _to_pil(image: torch.Tensor):
@@ -151,22 +174,54 @@ def _to_pil(image: torch.Tensor):
     return Image.fromarray(arr)
 
 
-def collate_ar(samples: list[dict], tok: Tokenizer, tasks: list[str]) -> dict:
-    """Right-padded understanding/text rows; image rows carry pixels and the image position mask."""
+def collate_ar(samples: list[dict], tok: Tokenizer, tasks: list[str], pack: bool = False) -> dict:
+    """Right-padded understanding/text rows; image rows carry pixels and the image position mask.
+
+    ``sample_index`` [R, L] names the sample of each position (-1 on padding) and ``is_und`` [n] each
+    sample's task. Packed (``pack``): several samples share a row no longer than the longest sample; each
+    one's ``position_ids`` restart at 0 and there is no 2D attention mask, so transformers builds the
+    block-diagonal causal mask from the restarts (a sample only sees itself; the trailing padding is a
+    sequence of its own). Each sample's first label is ignored, as the unpacked shift does.
+    """
+    rows = pack_rows([len(s["ids"]) for s in samples]) if pack else [[i] for i in range(len(samples))]
     width = max(len(s["ids"]) for s in samples)
-    ids = torch.full((len(samples), width), tok.pad_id)
-    labels = torch.full((len(samples), width), IGNORE)
-    mask = torch.zeros(len(samples), width, dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s["ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s["ids"]), torch.tensor(s["labels"]), 1
-    pixels = [s["pixels"] for s in samples if "pixels" in s]
-    return {
-        "input_ids": ids, "labels": labels, "attention_mask": mask,
+    shape = (len(rows), width)
+    ids, labels = torch.full(shape, tok.pad_id), torch.full(shape, IGNORE)
+    mask, index = torch.zeros(shape, dtype=torch.long), torch.full(shape, -1)
+    positions = torch.arange(width).repeat(len(rows), 1)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            s, n = samples[i], len(samples[i]["ids"])
+            ids[r, at:at + n], labels[r, at:at + n] = torch.tensor(s["ids"]), torch.tensor(s["labels"])
+            labels[r, at] = IGNORE
+            mask[r, at:at + n], index[r, at:at + n] = 1, i
+            positions[r, at:] = torch.arange(width - at)
+            at += n
+    pixels = [samples[i]["pixels"] for row in rows for i in row if "pixels" in samples[i]]  # in position order
+    out = {
+        "input_ids": ids, "labels": labels, "attention_mask": mask, "sample_index": index,
         "pixel_values": torch.stack(pixels) if pixels else None,
         "image_seq_mask": (ids == tok.image_id) | (ids == tok.boi_id),
         "is_und": torch.tensor([t == "und" for t in tasks]),
     }
+    if pack:
+        out.update(attention_mask=None, position_ids=positions)
+    return out
+
+
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """First-fit decreasing: sample indices per row, rows no longer than the longest sample."""
+    width, rows, free = max(lengths), [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            free.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
 
 
 def collate_gen(samples: list[dict], tok: Tokenizer, drop: list[bool]) -> dict:
@@ -182,7 +237,11 @@ def collate_gen(samples: list[dict], tok: Tokenizer, drop: list[bool]) -> dict:
         if drop[i]:
             ids[i, width - n + 1:] = tok.pad_id
             mask[i, width - n + 1:] = 0
-    out = {"prefix_ids": ids, "prefix_mask": mask, "repa_pixels": torch.stack([s["repa_pixels"] for s in samples])}
+    out = {"prefix_ids": ids, "prefix_mask": mask}
+    if all("repa_feats" in s for s in samples):
+        out["repa_feats"] = torch.stack([s["repa_feats"] for s in samples])
+    else:
+        out["repa_pixels"] = torch.stack([s["repa_pixels"] for s in samples])
     if all("latent" in s for s in samples):
         out["latents"] = torch.stack([s["latent"] for s in samples])
     else:
@@ -194,13 +253,33 @@ class MixtureStream:
     """Deterministic global batches from task sources (lists of SourceDataset-like objects)."""
 
     def __init__(self, sources: dict[str, list], builder: SampleBuilder, schedule: MixtureSchedule, *,
-                 seed: int, cfg_drop_prob: float, time_cfg: TimeSamplingConfig, latent_cache=None,
-                 max_bad_fraction: float = 0.5):
+                 seed: int, cfg_drop_prob: float, time_cfg: TimeSamplingConfig, latent_cache=None, repa_cache=None,
+                 max_bad_fraction: float = 0.5, packing: bool = False):
+        """``latent_cache`` / ``repa_cache``: janusflow.data.latent_cache.RecordCache of the gen sources
+        (centre crops); the REPA cache is only valid together with the latent cache (same crop)."""
         self.sources, self.builder, self.schedule = sources, builder, schedule
         self.seed, self.cfg_drop_prob, self.time_cfg = seed, cfg_drop_prob, time_cfg
         self.latent_cache = latent_cache
+        self.repa_cache = repa_cache if latent_cache is not None else None
         self.max_bad_fraction = max_bad_fraction
+        self.packing = packing
         self.stats: Counter = Counter()
+        """Records used (``gen_ok``) and skipped (``gen_skipped``) per task, the skipped ones also by reason
+        (``gen_bad_image``, ``text_bad_json``, ...): the ``data/*`` metrics, restored on resume."""
+        for task, srcs in sources.items():
+            for src in srcs:
+                if len(src) == 0:
+                    raise DataError(f"the {task} source {getattr(src, 'path', src)} has no records")
+        if latent_cache is not None:
+            self._check_cache(latent_cache.valid)
+
+    def _check_cache(self, valid: list[torch.Tensor]) -> None:
+        """Building the latent cache read every gen record once: a mostly broken source stops here."""
+        for src, ok in zip(self.sources.get("gen") or [], valid):
+            bad = len(ok) - int(ok.sum())
+            if bad > self.max_bad_fraction * len(ok):
+                raise DataError(f"{bad} of {len(ok)} gen records of {getattr(src, 'path', src)} are broken (more "
+                                f"than data.max_bad_fraction={self.max_bad_fraction}){_reasons(src)}")
 
     def _record(self, task: str, rng: random.Random):
         srcs = self.sources.get(task) or []
@@ -215,10 +294,13 @@ class MixtureStream:
                 self.stats[f"{task}_ok"] += 1
                 return k, idx, rec
             self.stats[f"{task}_skipped"] += 1
+            self.stats[f"{task}_{getattr(srcs[k], 'last_reason', None) or 'bad_record'}"] += 1
             seen = self.stats[f"{task}_ok"] + self.stats[f"{task}_skipped"]
             if seen >= 50 and self.stats[f"{task}_skipped"] > self.max_bad_fraction * seen:
+                paths = ", ".join(str(getattr(s, "path", s)) for s in srcs)
                 raise DataError(f"{self.stats[f'{task}_skipped']} of {seen} {task} records read so far are broken "
-                                f"(more than data.max_bad_fraction={self.max_bad_fraction}); check the dataset")
+                                f"(more than data.max_bad_fraction={self.max_bad_fraction}) in {paths}"
+                                f"{_reasons(srcs[k])}")
         raise DataError(f"no readable {task} record found in 1000 tries")
 
     def global_batch(self, step: int, batch_size: int) -> list[tuple[str, dict]]:
@@ -228,7 +310,8 @@ class MixtureStream:
             k, idx, rec = self._record(task, rng)
             if task == "gen":
                 cached = self.latent_cache.get(k, idx) if self.latent_cache is not None else None
-                sample = self.builder.gen(rec, rng, center_crop=self.latent_cache is not None)
+                feats = self.repa_cache.get(k, idx) if self.repa_cache is not None else None
+                sample = self.builder.gen(rec, rng, center_crop=self.latent_cache is not None, repa_feats=feats)
                 if cached is not None:
                     sample["latent"] = cached
                 sample["drop"] = rng.random() < self.cfg_drop_prob
@@ -249,20 +332,74 @@ class MixtureStream:
         for b in range(rank, len(blocks), world):
             yield self._collate(blocks[b], step, b)
 
+    def batches(self, start: int, stop: int, batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1,
+                num_workers: int = 0, pin_memory: bool = False) -> Iterator[list[Batch]]:
+        """This rank's micro-batches of every step in [start, stop), in order: exactly ``micro_batches(step, ...)``.
+
+        With ``num_workers`` > 0, worker processes build the steps ahead (a torch DataLoader over the step
+        index; pinned memory for a GPU); each step's data counters travel with it into ``stats``.
+        """
+        if num_workers == 0:
+            for step in range(start, stop):
+                yield list(self.micro_batches(step, batch_size, micro_batch_size, rank, world))
+            return
+        steps = StepBatches(self, start, stop, batch_size, micro_batch_size, rank, world)
+        loader = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                             collate_fn=_as_is)
+        for micros, stats, builder_stats in loader:
+            self.stats.update(stats)
+            self.builder.stats.update(builder_stats)
+            yield micros
+
     def _collate(self, block: list[tuple[str, dict]], step: int, index: int) -> Batch:
         tok = self.builder.tok
         ar = [(t, s) for t, s in block if t != "gen"]
         gen = [s for t, s in block if t == "gen"]
         batch = Batch(size=len(block), counts=dict(Counter(t for t, _ in block)))
         if ar:
-            batch.ar = collate_ar([s for _, s in ar], tok, [t for t, _ in ar])
+            batch.ar = collate_ar([s for _, s in ar], tok, [t for t, _ in ar], pack=self.packing)
         if gen:
+            if not all("repa_feats" in s for s in gen):  # a record the cache missed: the whole block goes live
+                for s in gen:
+                    s.setdefault("repa_pixels", repa_pixels(s["image"], self.builder.und_cfg))
             batch.gen = collate_gen(gen, tok, [s["drop"] for s in gen])
             g = torch.Generator().manual_seed(hash_seed(self.seed, step, index))
             t = self.time_cfg
             batch.gen["t"] = sample_t(len(gen), t.kind, t.mean, t.std, generator=g)
             batch.gen["noise_seed"] = hash_seed(self.seed, step, index, 1)
         return batch
+
+
+def _reasons(src) -> str:
+    """``: bad_image 40, missing_file 3; latest: <message>`` from a source's counters (empty if it has none)."""
+    stats = {k: v for k, v in getattr(src, "stats", {}).items() if k != "ok"}
+    if not stats:
+        return ""
+    last = getattr(src, "last_error", {}).get(getattr(src, "last_reason", None), "")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(stats.items(), key=lambda kv: -kv[1]))
+    return f": {counts}" + (f"; latest: {last}" if last else "")
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item i: a rank's micro-batches of step ``start + i``, and the data counters that building them added."""
+
+    def __init__(self, stream: MixtureStream, start: int, stop: int, batch_size: int, micro_batch_size: int,
+                 rank: int, world: int):
+        self.stream, self.start, self.stop = stream, start, stop
+        self.args = (batch_size, micro_batch_size, rank, world)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> tuple[list[Batch], Counter, Counter]:
+        stream = self.stream
+        before, builder_before = Counter(stream.stats), Counter(stream.builder.stats)
+        micros = list(stream.micro_batches(self.start + i, *self.args))
+        return micros, stream.stats - before, stream.builder.stats - builder_before
+
+
+def _as_is(item):
+    return item
 
 
 def hash_seed(*parts: int) -> int:

@@ -3,7 +3,8 @@
 Formats: LLaVA-style conversation JSON (understanding), image-caption JSONL and WebDataset tar shards
 (generation), text JSONL (text-only). Every reader is random-access; a bad record (missing or corrupt image,
 broken JSON line, empty text or conversation) gives ``None`` from ``__getitem__`` and is counted by reason in
-``stats`` -- bad data never raises. Images of any mode come back as RGB.
+``stats`` when read -- bad data never raises. A failure no check foresaw is counted as ``unexpected_error``
+(a reader bug to fix, still not fatal). Images of any mode come back as RGB.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def load_image(path: Path) -> Image.Image:
         data = path.read_bytes()
     except FileNotFoundError as e:
         raise BadRecord("missing_file", str(path)) from e
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise BadRecord("unreadable_file", f"{path}: {e}") from e
     return decode_image(data, str(path))
 
@@ -122,6 +123,8 @@ class SourceDataset(abc.ABC):
         self.stats: collections.Counter[str] = collections.Counter()
         self.last_error: dict[str, str] = {}
         """The latest message per failure reason, for error reports."""
+        self.last_reason: str | None = None
+        """The reason of the latest bad record (what the data stream counts per task)."""
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -133,6 +136,7 @@ class SourceDataset(abc.ABC):
     def _count_bad(self, reason: str, detail: str) -> None:
         self.stats[reason] += 1
         self.last_error[reason] = detail
+        self.last_reason = reason
 
     def __getitem__(self, i: int) -> Record | None:
         n = len(self)
@@ -144,7 +148,7 @@ class SourceDataset(abc.ABC):
             self._count_bad(e.reason, str(e))
             return None
         except Exception as e:  # a malformed record of a kind not foreseen must not stop training either
-            self._count_bad("bad_record", f"{type(e).__name__}: {e}")
+            self._count_bad("unexpected_error", f"record {i}: {type(e).__name__}: {e}")
             return None
         self.stats["ok"] += 1
         return record
@@ -157,18 +161,31 @@ class SourceDataset(abc.ABC):
         return f"{type(self).__name__}({str(self.path)!r}, {len(self)} records, stats={dict(self.stats)})"
 
 
-def _read_jsonl(path: Path, stats: collections.Counter[str]) -> list[Any]:
-    """Parsed lines of a JSONL file; blank lines ignored, broken ones (bad JSON or UTF-8) counted as bad_json."""
-    rows = []
+@dataclass(frozen=True)
+class BrokenLine:
+    """A JSONL line that does not parse: kept as a record so that it is counted (bad_json) when read."""
+
+    detail: str
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    """Parsed lines of a JSONL file; blank lines ignored, broken ones (bad JSON or UTF-8) kept as BrokenLine."""
+    rows: list[Any] = []
     with open(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
-            except ValueError:
-                stats["bad_json"] += 1
+            except ValueError as e:
+                rows.append(BrokenLine(f"{path}:{number}: {e}"))
     return rows
+
+
+def _row(rows: list[Any], i: int) -> Any:
+    if isinstance(rows[i], BrokenLine):
+        raise BadRecord("bad_json", rows[i].detail)
+    return rows[i]
 
 
 def _image_path(root: Path, rel: Any) -> Path:
@@ -198,7 +215,7 @@ class LlavaJsonSource(SourceDataset):
         super().__init__(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         if self.path.suffix == ".jsonl":
-            self.entries = _read_jsonl(self.path, self.stats)
+            self.entries = _read_jsonl(self.path)
         else:
             try:
                 self.entries = json.loads(self.path.read_bytes())
@@ -211,7 +228,7 @@ class LlavaJsonSource(SourceDataset):
         return len(self.entries)
 
     def _load(self, i: int) -> ConversationRecord:
-        entry = self.entries[i]
+        entry = _row(self.entries, i)
         if not isinstance(entry, dict):
             raise BadRecord("bad_record", f"record {i} is a {type(entry).__name__}")
         conv = entry.get("conversations", entry.get("messages"))
@@ -224,7 +241,7 @@ class LlavaJsonSource(SourceDataset):
             role, value = t.get("from", t.get("role")), t.get("value", t.get("content"))
             if role == "system":
                 continue
-            if role not in ROLES or not isinstance(value, str):
+            if not isinstance(role, str) or role not in ROLES or not isinstance(value, str):
                 raise BadRecord("bad_record", f"record {i}: turn role {role!r}, value {type(value).__name__}")
             has_placeholder |= IMAGE_TOKEN in value
             turns.append((ROLES[role], value.replace(IMAGE_TOKEN, "").strip()))
@@ -244,13 +261,13 @@ class CaptionJsonlSource(SourceDataset):
     def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
         super().__init__(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
-        self.rows = _read_jsonl(self.path, self.stats)
+        self.rows = _read_jsonl(self.path)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _load(self, i: int) -> CaptionRecord:
-        row = self.rows[i]
+        row = _row(self.rows, i)
         if not isinstance(row, dict):
             raise BadRecord("bad_record", f"line record {i} is a {type(row).__name__}")
         caption = _text(row.get("caption", row.get("text")))
@@ -370,13 +387,13 @@ class TextJsonlSource(SourceDataset):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
-        self.rows = _read_jsonl(self.path, self.stats)
+        self.rows = _read_jsonl(self.path)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _load(self, i: int) -> TextRecord:
-        row = self.rows[i]
+        row = _row(self.rows, i)
         if isinstance(row, dict):
             return TextRecord(_text(row.get("text")))
         if isinstance(row, str):

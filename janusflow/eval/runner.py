@@ -1,11 +1,13 @@
-"""One evaluation of a model on the held-out shapes data: GenEval, FD, VQA accuracy, RF validation loss.
+"""One evaluation of a model on the held-out shapes data: GenEval, FD, SigLIP score, VQA accuracy, RF validation loss.
 
     results = evaluate_export("runs/2to8/export", "runs/_cache/shapes-...")        # an exported model dir
     results = evaluate_model(model, codec, tokenizer, system_prompt, data_dir)     # in memory (the trainer)
 
 Keys of the result: ``geneval/<category>`` and ``geneval/overall`` (shapes-GenEval accuracies), ``fd`` (Frechet
 distance of generated vs held-out real images, in the understanding encoder's mean-pooled feature space),
-``vqa_acc`` (exact match on held-out questions, greedy), ``rf_val`` and ``rf_val/t=<t>`` (L_RF at fixed t).
+``vqa_acc`` (exact match on held-out questions, greedy), ``rf_val`` and ``rf_val/t=<t>`` (L_RF at fixed t), and
+with a SigLIP judge (janusflow.eval.siglip_score) ``siglip_score`` / ``siglip_cosine`` of the FD images vs their
+captions. ``tasks`` limits the evaluation to the generation metrics ("gen": all but VQA) or understanding ("und").
 
 Everything is a function of ``seed``: the GenEval prompts, the starting noise of every image and the RF noise,
 so two calls on the same weights give the same numbers. FD generates one image per held-out caption and
@@ -21,13 +23,15 @@ import torch
 from PIL import Image
 
 from janusflow.data.shapes import read_manifest
-from janusflow.data.sources import gen_transform, open_source, und_transform
+from janusflow.data.sources import gen_transform, open_source
 from janusflow.eval import metrics, shapes_geneval
+from janusflow.eval.siglip_score import SigLIPJudge
 from janusflow.pipeline import Pipeline, left_pad, load_pipeline
 from janusflow.sampling import generate_text
 from janusflow.tokenizer import Tokenizer, expand_image_tokens, image_seq_mask, sft_prompt, und_prompt
 
 VQA_MAX_NEW_TOKENS = 16  # shapes answers are one word or digit
+TASKS = ("gen", "und")
 
 
 @dataclass
@@ -81,28 +85,29 @@ def evaluate_model(model, codec, tokenizer: Tokenizer, system_prompt: str, data_
                    num_geneval_per_category: int = 16, num_fd_images: int = 256, num_vqa: int = 128,
                    num_rf_images: int = 64, steps: int = 30, cfg_weight: float = 2.0, seed: int = 0,
                    batch_size: int = 32, encoder: torch.nn.Module | None = None,
-                   data: EvalData | None = None) -> dict[str, float]:
+                   data: EvalData | None = None, siglip_judge: SigLIPJudge | None = None,
+                   tasks: tuple[str, ...] = TASKS) -> dict[str, float]:
     """Evaluate a JanusFlow model in memory (e.g. the trainer's EMA model); see the module docstring.
 
     ``encoder`` is the FD feature extractor (default: the model's own SigLIP tower); ``data`` is the held-out
     data when already loaded (``load_eval_data``), else it is read from ``data_dir``.
     """
+    if not tasks or set(tasks) - set(TASKS):
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
     data = data or load_eval_data(data_dir, max(num_fd_images, num_rf_images), num_vqa)
     was_training = model.training
     model.eval()
+    results: dict[str, float] = {}
     try:
         pipe = Pipeline(model, codec, tokenizer, system_prompt)
-        results = _geneval(pipe, data, num_geneval_per_category, steps, cfg_weight, seed, batch_size)
-        results["fd"] = _fd(pipe, data, num_fd_images, encoder or model.vision_und_enc_model, steps, cfg_weight,
-                            seed, batch_size)
-        items = data.vqa[:num_vqa]
-        predictions = answer_batch(pipe, [(im, q) for im, q, _ in items], batch_size=batch_size)
-        results["vqa_acc"] = metrics.vqa_accuracy(predictions, [a for _, _, a in items])
-        n = min(num_rf_images, len(data.images))
-        latents, ids, mask = gen_latents_and_prompts(data.images[:n], data.captions[:n], codec, tokenizer,
-                                                     model.config.gen_image_size)
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-        results.update(metrics.rf_val_loss(model, latents, ids, mask, noise, batch_size=batch_size))
+        if "gen" in tasks:
+            results.update(_gen_metrics(pipe, data, num_geneval_per_category, num_fd_images, num_rf_images, steps,
+                                        cfg_weight, seed, batch_size, encoder or model.vision_und_enc_model,
+                                        siglip_judge))
+        if "und" in tasks:
+            items = data.vqa[:num_vqa]
+            predictions = answer_batch(pipe, [(im, q) for im, q, _ in items], batch_size=batch_size)
+            results["vqa_acc"] = metrics.vqa_accuracy(predictions, [a for _, _, a in items])
     finally:
         model.train(was_training)
     return results
@@ -114,19 +119,35 @@ def answer_batch(pipe: Pipeline, questions: list[tuple[Image.Image, str]], batch
     """Greedy answers to (image, question) pairs, ``batch_size`` at a time: the prompt, preprocessing and
     decoding of ``Pipeline.answer`` with left-padded batches (the same answers, ~10x faster on CPU)."""
     model, tok = pipe.model, pipe.tokenizer
-    und = model.config.und_encoder
     answers = []
     for s in range(0, len(questions), batch_size):
         chunk = questions[s:s + batch_size]
-        seqs = [expand_image_tokens(tok.encode(und_prompt(q, pipe.system_prompt)), tok,
-                                    model.vision_und_enc_model.num_patches) for _, q in chunk]
+        seqs = [expand_image_tokens(tok.encode(und_prompt(q, pipe.system_prompt)), tok, pipe.num_und_tokens())
+                for _, q in chunk]
         ids, mask = left_pad(seqs, tok.pad_id)
-        pixels = torch.stack([und_transform(im, und.image_size, und.image_mean, und.image_std) for im, _ in chunk])
         ids, mask = ids.to(pipe.device), mask.to(pipe.device)
-        embeds = model.und_inputs_embeds(ids, pixels.to(pipe.device, model.dtype_for_llm), image_seq_mask(ids, tok))
+        pixels = pipe.und_encoder_inputs([im for im, _ in chunk])
+        embeds = model.und_inputs_embeds(ids, pixels, image_seq_mask(ids, tok))
         out = generate_text(model, embeds, mask, eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=max_new_tokens)
         answers += [tok.decode(row.tolist(), skip_special_tokens=True).strip() for row in out]
     return answers
+
+
+def _gen_metrics(pipe: Pipeline, data: EvalData, num_geneval_per_category: int, num_fd_images: int,
+                 num_rf_images: int, steps: int, cfg_weight: float, seed: int, batch_size: int,
+                 encoder: torch.nn.Module, siglip_judge: SigLIPJudge | None) -> dict[str, float]:
+    results = _geneval(pipe, data, num_geneval_per_category, steps, cfg_weight, seed, batch_size)
+    n = min(num_fd_images, len(data.images))
+    fake = pipe.generate(data.captions[:n], seed=seed, steps=steps, cfg_weight=cfg_weight, batch_size=batch_size)
+    results["fd"] = _fd(pipe, fake, data.images[:n], encoder)
+    if siglip_judge is not None:
+        results.update(siglip_judge.score(fake, data.captions[:n]))
+    n = min(num_rf_images, len(data.images))
+    latents, ids, mask = gen_latents_and_prompts(data.images[:n], data.captions[:n], pipe.codec, pipe.tokenizer,
+                                                 pipe.model.config.gen_image_size)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    results.update(metrics.rf_val_loss(pipe.model, latents, ids, mask, noise, batch_size=batch_size))
+    return results
 
 
 def _geneval(pipe: Pipeline, data: EvalData, n_per_category: int, steps: int, cfg_weight: float, seed: int,
@@ -137,23 +158,25 @@ def _geneval(pipe: Pipeline, data: EvalData, n_per_category: int, steps: int, cf
     return {f"geneval/{k}": v for k, v in shapes_geneval.evaluate(images, specs).items()}
 
 
-def _fd(pipe: Pipeline, data: EvalData, n: int, encoder: torch.nn.Module, steps: int, cfg_weight: float, seed: int,
-        batch_size: int) -> float:
-    n = min(n, len(data.images))
-    fake = pipe.generate(data.captions[:n], seed=seed, steps=steps, cfg_weight=cfg_weight, batch_size=batch_size)
+def _fd(pipe: Pipeline, fake: list[Image.Image], real: list[Image.Image], encoder: torch.nn.Module) -> float:
     und = pipe.model.config.und_encoder
     feats = [metrics.encoder_features(encoder, images, und.image_size, und.image_mean, und.image_std)
-             for images in (fake, data.images[:n])]
+             for images in (fake, real)]
     return metrics.frechet_distance_of(*feats)
 
 
 def evaluate_export(export_dir: str | Path, data_dir: str | Path, *, num_geneval_per_category: int = 16,
                     num_fd_images: int = 256, num_vqa: int = 128, num_rf_images: int = 64, steps: int = 30,
                     cfg_weight: float = 2.0, seed: int = 0, batch_size: int = 32,
-                    device: str | torch.device = "cpu") -> dict[str, float]:
-    """Evaluate an exported model directory (``janusflow.export``; a run directory with ``export/`` works too)."""
+                    device: str | torch.device = "cpu", siglip_dir: str | Path | None = None,
+                    tasks: tuple[str, ...] = TASKS) -> dict[str, float]:
+    """Evaluate an exported model directory (``janusflow.export``; a run directory with ``export/`` works too).
+
+    ``siglip_dir``: the prep's SigLIP folder (both towers) for the SigLIP score; without it the score is left out.
+    """
     pipe = load_pipeline(export_dir, device=device, dtype=torch.float32)
+    judge = SigLIPJudge.from_dir(siglip_dir).to(device) if siglip_dir is not None else None
     return evaluate_model(pipe.model, pipe.codec, pipe.tokenizer, pipe.system_prompt, data_dir,
                           num_geneval_per_category=num_geneval_per_category, num_fd_images=num_fd_images,
                           num_vqa=num_vqa, num_rf_images=num_rf_images, steps=steps, cfg_weight=cfg_weight,
-                          seed=seed, batch_size=batch_size)
+                          seed=seed, batch_size=batch_size, siglip_judge=judge, tasks=tasks)

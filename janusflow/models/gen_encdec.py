@@ -86,10 +86,23 @@ class ShallowUViTEncoder(nn.Module):
         self.mid_block = UVitBlock(channels, num_blocks, hidden_size, norm_eps, use_bias)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        self.check_input(x)
         t = torch.as_tensor(timesteps, device=x.device).flatten().expand(x.shape[0])
         t_emb = self.time_embed(self.time_proj(t).to(x.dtype))
         x_emb = self.mid_block(self.in_conv(x), t_emb)
         return x_emb, t_emb, [x_emb]
+
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """A clear error for a latent of the wrong shape, instead of a convolution error deep in torch."""
+        conv = self.in_conv
+        k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        if x.dim() != 4 or x.shape[1] != conv.in_channels:
+            raise ValueError(f"the generation encoder takes latents [B, {conv.in_channels}, H, W], got {list(x.shape)}")
+        for side in x.shape[2:]:
+            if side < k or ((side + 2 * p - k) // s + 1) * s != side:  # the decoder would not give this size back
+                raise ValueError(f"latent size {tuple(x.shape[2:])} does not fit the generation encoder "
+                                 f"(kernel {k}, stride {s}): sides must be multiples of {s}, at least {k}")
 
 
 class Unpatchify(nn.Module):

@@ -4,7 +4,9 @@ Attribute names are the official ``MultiModalityCausalLM`` ones, so its state di
 key-for-key. Conventions: t = 0 is noise, t = 1 is data; the generation encoder sees t * 1000.
 
 Understanding: ``und_inputs_embeds(input_ids, pixel_values, image_seq_mask)`` puts
-[beg_of_und_embed, aligner(SigLIP(x))] at the masked positions; the LLM predicts text.
+[beg_of_und_embed, aligner(SigLIP(x))] at the masked positions; the LLM predicts text. The paper's
+ablations B and C swap SigLIP for VAE latents through a generation encoder at t = 1 (``und_encoder_kind``,
+inputs in janusflow.models.und_inputs): the generation encoder itself (shared) or a second one (separate).
 Generation: the sequence is [prompt (without its last tag), t_emb, z tokens]; the LLM output at
 the z positions goes through RMSNorm + aligner + decoder (with the encoder's skip) to a velocity.
 
@@ -64,6 +66,11 @@ class JanusFlow(nn.Module):
         self.language_model = build_llm(config.llm)
         self.vision_gen_dec_aligner_norm = LlamaRMSNorm(hidden, eps=config.llm.rms_norm_eps)
         self.vision_gen_dec_aligner = nn.Linear(hidden, gen.channels)
+        if config.und_encoder_kind == "separate_gen":  # built last: the default model's init stays unchanged
+            self.vision_und_gen_enc_model = ShallowUViTEncoder(
+                gen.latent_channels, gen.channels, hidden, gen.kernel_size, gen.stride, gen.num_blocks,
+                gen.norm_eps, gen.use_bias)
+            self.vision_und_gen_enc_aligner = nn.Linear(gen.channels, hidden)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -72,8 +79,21 @@ class JanusFlow(nn.Module):
         return self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
 
     def encode_und_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, S, S] (normalised) -> [B, 1 + N, hidden]: beg_of_und_embed + aligned patches."""
-        feats = self.vision_und_enc_aligner(self.vision_und_enc_model(pixel_values))
+        """[B, 1 + N, hidden]: beg_of_und_embed + aligned image tokens.
+
+        pixel_values: SigLIP-normalised pixels [B, 3, S, S], or scaled VAE latents [B, C, h, w] when
+        ``und_encoder_kind`` is shared_gen / separate_gen (janusflow.models.und_inputs makes either).
+        """
+        kind = self.config.und_encoder_kind
+        if kind == "siglip":
+            feats = self.vision_und_enc_aligner(self.vision_und_enc_model(pixel_values))
+        else:
+            shared = kind == "shared_gen"
+            encoder = self.vision_gen_enc_model if shared else self.vision_und_gen_enc_model
+            aligner = self.vision_gen_enc_aligner if shared else self.vision_und_gen_enc_aligner
+            # A clean image is the t = 1 end of the flow (t * 1000 into the time embedding, as for generation).
+            x, _, _ = encoder(pixel_values, pixel_values.new_full((pixel_values.shape[0],), 1000.0))
+            feats = aligner(x.flatten(2).transpose(1, 2))
         beg = self.beg_of_und_embed.to(feats.dtype).expand(feats.shape[0], 1, -1)
         return torch.cat([beg, feats], dim=1)
 

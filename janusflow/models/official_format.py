@@ -10,6 +10,7 @@ sharded with an ``*.index.json``.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ def config_to_official(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> 
         "torch_dtype": str(dtype).removeprefix("torch."),
         "janusflow_preset": cfg.preset,
         "gen_image_size": cfg.gen_image_size,
+        "janusflow_und_encoder_kind": cfg.und_encoder_kind,
         "language_config": llama_config(cfg.llm).to_dict(),
         "vision_und_enc_config": {
             "cls": "CLIPVisionTower", "model_type": "vision_und_enc",
@@ -102,7 +104,8 @@ def official_to_config(data: dict, preprocessor: dict | None = None) -> ModelCon
     if dp.get("out_channels", gen.latent_channels) != gen.latent_channels:
         raise ValueError("vision_gen_dec_config.params.out_channels must equal the encoder's input_channels")
     return ModelConfig(preset=data.get("janusflow_preset", "janusflow-1.3b"), llm=llm, und_encoder=und,
-                       gen_encoder=gen, gen_decoder=dec, gen_image_size=data.get("gen_image_size", 384))
+                       gen_encoder=gen, gen_decoder=dec, gen_image_size=data.get("gen_image_size", 384),
+                       und_encoder_kind=data.get("janusflow_und_encoder_kind", "siglip"))
 
 
 def read_model_config(path: Path) -> ModelConfig:
@@ -112,25 +115,50 @@ def read_model_config(path: Path) -> ModelConfig:
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json: not a JanusFlow model directory")
     pre_file = path / "preprocessor_config.json"
-    pre = json.loads(pre_file.read_text()) if pre_file.exists() else None
-    return official_to_config(json.loads(cfg_file.read_text()), pre)
+    pre = _read_json(pre_file) if pre_file.exists() else None
+    data = _read_json(cfg_file)
+    try:
+        return official_to_config(data, pre)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # e.g. the config.json of another kind of model
+        raise ValueError(f"{cfg_file}: {e}") from None
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+    """One weight file (safetensors or a torch pickle); a truncated or foreign file gives an error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(f"weight file {file} does not exist")
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"cannot read the weights {file}: {e}") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory: safetensors or .bin, single file or sharded."""
-    from safetensors.torch import load_file
-
-    for index_name, loader in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            data = _read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no weight_map")
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(load_file(str(path / shard)) if loader == "st"
-                             else torch.load(path / shard, map_location="cpu", weights_only=True))
+            for shard in sorted(set(weight_map.values())):
+                state.update(_load_weights(path / shard))
             return state
-    if (path / "model.safetensors").exists():
-        return load_file(str(path / "model.safetensors"))
-    if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return _load_weights(path / name)
     raise FileNotFoundError(f"{path} has no model.safetensors, pytorch_model.bin or shard index")

@@ -38,6 +38,10 @@ class SigLIPTower(nn.Module):
         return self.vision_tower.patch_embed.num_patches
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        size = self.vision_tower.patch_embed.img_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != tuple(size):
+            raise ValueError(f"the understanding encoder takes images [B, 3, {size[0]}, {size[1]}] "
+                             f"(und_encoder.image_size), got {list(pixel_values.shape)}")
         return self.vision_tower.forward_features(pixel_values)
 
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ Layout under a stage directory:
     checkpoints/latest              the tag of the newest *complete* checkpoint
 A checkpoint is written as ``step-N.tmp`` and renamed only once every rank has finished, and
 ``latest`` is replaced atomically afterwards, so a kill at any point leaves the previous
-checkpoint as the one to resume from. ``state.pt`` holds the step, the EMA weights, RNG states
-and data-stream counters.
+checkpoint as the one to resume from; a write that fails (e.g. a full disk) is removed and raises
+an error saying so. ``state.pt`` holds the step, the EMA weights, RNG states and data-stream counters.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import torch
 import torch.distributed as dist
 
 TAG = re.compile(r"^step-(\d+)$")
+BYTES_PER_PARAM = 20
+"""One checkpoint's size per model parameter, fp32: the module weights (4), the EMA in state.pt (4), and the
+ZeRO optimizer's master copy and two AdamW moments (12) -- an upper bound when parts of the model are frozen."""
 
 
 def _barrier() -> None:
@@ -45,6 +48,20 @@ def write_dir_atomic(target: Path, write) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB ({int(n)} bytes)"
+
+
+def check_disk_space(path: Path, num_params: int) -> None:
+    """Raise OSError naming ``path``, the free and the needed bytes when its filesystem cannot hold one
+    checkpoint of a model with ``num_params`` parameters (checked before training, not at the first save)."""
+    needed = BYTES_PER_PARAM * num_params
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise OSError(f"not enough disk space in {path}: {_size(free)} free, one checkpoint of the "
+                      f"{num_params / 1e6:.1f}M-parameter model needs about {_size(needed)}")
 
 
 class CheckpointManager:
@@ -73,9 +90,16 @@ class CheckpointManager:
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
-        if _rank() == 0:
-            torch.save(state, self.root / tmp_tag / "state.pt")
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+            if _rank() == 0:
+                torch.save(state, self.root / tmp_tag / "state.pt")
+        except OSError as e:  # e.g. ENOSPC: drop the partial write; `latest` still names the previous one
+            shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
+            previous = self.latest()
+            keep = f"{self.root / previous} stays the latest checkpoint" if previous else "there is no checkpoint yet"
+            raise OSError(f"writing checkpoint {self.root / tag} failed ({e.strerror or e}); the partial write was "
+                          f"removed and {keep}. Free disk space, then resume") from e
         _barrier()
         if _rank() == 0:
             shutil.rmtree(self.root / tag, ignore_errors=True)

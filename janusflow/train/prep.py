@@ -5,7 +5,9 @@
    scaling factor set to 1 / std of the latents, as for the SD VAEs;
 3. a small SigLIP pretrained on image-caption pairs with the sigmoid loss, so that its patch
    features carry meaning (REPA aligns with them; random features would make REPA meaningless);
-4. the latents of every generation image, encoded once (the latent cache).
+   its text tower is kept beside it for the SigLIP image-text score of the evaluation;
+4. optionally, a byte-level BPE tokenizer trained on its text (shorter sequences than raw bytes);
+5. the latents of every generation image, encoded once (the latent cache).
 
 Each artefact lives in a cache folder named by a hash of everything it depends on; it is written
 to a temporary name and renamed when complete, so an interrupted prep is simply redone.
@@ -28,8 +30,13 @@ from tqdm.auto import tqdm
 
 from janusflow.config import CodecConfig, Recipe, UndEncoderConfig, to_dict
 from janusflow.models.codec import LatentCodec
+from janusflow.models.siglip_text import TEXT_TOWER_FILE, ByteTextTower, save_text_tower, tokenize_captions
 from janusflow.models.und_encoder import SigLIPTower
-from janusflow.tokenizer import ByteTokenizer
+
+# Part of the SigLIP artefact's cache key: bump it when the folder's contents change, so old ones are rebuilt.
+# 2: the text tower and the vision config are kept too (text_tower.pt, prep.json "und_encoder").
+SIGLIP_FORMAT = 2
+TOKENIZER_FORMAT = 1
 
 
 def config_hash(*parts) -> str:
@@ -90,44 +97,18 @@ def train_codec(images: torch.Tensor, cfg: CodecConfig, steps: int, batch_size: 
 # ----------------------------------------------------------------------------- SigLIP
 
 
-class ByteTextTower(nn.Module):
-    """The text side of the toy SigLIP: byte embeddings + a small Transformer, mean-pooled."""
-
-    def __init__(self, width: int, out_dim: int, vocab: int = 272, layers: int = 2, max_len: int = 96):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.pos = nn.Parameter(torch.zeros(1, max_len, width))
-        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.proj = nn.Linear(width, out_dim)
-        self.max_len = max_len
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(self.embed(ids) + self.pos[:, : ids.shape[1]], src_key_padding_mask=~mask)
-        h = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-        return self.proj(h)
-
-
-def _tokenize_captions(captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    tok = ByteTokenizer()
-    ids = torch.zeros(len(captions), max_len, dtype=torch.long)
-    mask = torch.zeros(len(captions), max_len, dtype=torch.bool)
-    for i, c in enumerate(captions):
-        x = tok.encode(c, add_bos=False)[:max_len]
-        ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), True
-    return ids, mask
-
-
 def train_siglip(pixels: torch.Tensor, captions: list[str], cfg: UndEncoderConfig, steps: int, batch_size: int,
-                 seed: int = 0, lr: float = 1e-3) -> tuple[dict, list[float]]:
+                 seed: int = 0, lr: float = 1e-3
+                 ) -> tuple[SigLIPTower, tuple[ByteTextTower, float, float], list[float]]:
     """Sigmoid-loss (SigLIP) pretraining of the vision tower on (normalised pixels [N,3,S,S], captions).
 
-    Returns the tower's state dict (official ``vision_tower.*`` keys) and the loss curve.
+    Returns the vision tower (official ``vision_tower.*`` keys), the text side (tower, logit scale, logit
+    bias) and the loss curve.
     """
     torch.manual_seed(seed)
     tower = SigLIPTower(cfg)
     text = ByteTextTower(cfg.width, cfg.width)
-    ids, mask = _tokenize_captions(captions, text.max_len)
+    ids, mask = tokenize_captions(captions, text.max_len)
     logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
     logit_bias = nn.Parameter(torch.tensor(-10.0))
     params = [*tower.parameters(), *text.parameters(), logit_scale, logit_bias]
@@ -153,7 +134,17 @@ def train_siglip(pixels: torch.Tensor, captions: list[str], cfg: UndEncoderConfi
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    return tower.state_dict(), losses
+    return tower.eval(), (text.eval(), logit_scale.item(), logit_bias.item()), losses
+
+
+def save_siglip(path: Path, tower: SigLIPTower, text_side: tuple[ByteTextTower, float, float],
+                und: UndEncoderConfig, losses: list[float]) -> None:
+    """The prep's SigLIP folder: siglip.pt (vision tower, official keys), text_tower.pt and prep.json (the vision
+    config and the loss), everything janusflow.eval.siglip_score.SigLIPJudge.from_dir reads."""
+    torch.save(tower.state_dict(), path / "siglip.pt")
+    save_text_tower(path / TEXT_TOWER_FILE, *text_side)
+    (path / "prep.json").write_text(json.dumps({"first_loss": losses[0], "last_loss": losses[-1],
+                                                "und_encoder": to_dict(und)}))
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -163,12 +154,14 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
     """Run the recipe's prep steps (each cached); return paths for the trainer.
 
     Returns a dict with ``data_dir`` (shapes world or None), ``codec_path`` (a trained codec dir
-    or None) and ``und_encoder_path`` (SigLIP weights or None).
+    or None), ``und_encoder_path`` (SigLIP weights or None) and ``siglip_dir`` (the pretrained SigLIP's
+    folder, both towers, for janusflow.eval.siglip_score; None unless the prep trained it).
     """
     from janusflow.data.shapes import write_shapes_dataset
 
     root = cache_root(recipe)
-    out: dict = {"data_dir": None, "codec_path": recipe.codec.path, "und_encoder_path": recipe.und_encoder_path}
+    out: dict = {"data_dir": None, "codec_path": recipe.codec.path, "und_encoder_path": recipe.und_encoder_path,
+                 "siglip_dir": None, "tokenizer_path": None}
     shapes = recipe.data.shapes
     if shapes.enabled:
         key = config_hash(to_dict(shapes))
@@ -176,6 +169,8 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
                                                num_val=shapes.num_val, image_size=shapes.image_size,
                                                max_objects=shapes.max_objects, seed=shapes.seed)
         log(f"prep: shapes world in {out['data_dir']}")
+    if recipe.prep.tokenizer_vocab_size:
+        out["tokenizer_path"] = str(prepare_tokenizer(Path(out["data_dir"]), recipe, root, log))
     needs_images = recipe.prep.codec_steps > 0 or recipe.prep.siglip_steps > 0
     if not needs_images:
         return out
@@ -198,18 +193,43 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
         out["codec_path"] = str(build_once(root / f"codec-{key}", build_codec))
     if recipe.prep.siglip_steps > 0:
         und = recipe.model.und_encoder
-        key = config_hash(to_dict(shapes), to_dict(und), recipe.prep.siglip_steps, recipe.prep.siglip_batch_size)
+        key = config_hash(to_dict(shapes), to_dict(und), recipe.prep.siglip_steps, recipe.prep.siglip_batch_size,
+                          SIGLIP_FORMAT)
 
         def build_siglip(tmp: Path) -> None:
             pixels = _und_pixels(images, und)
-            state, losses = train_siglip(pixels, captions, und, recipe.prep.siglip_steps,
-                                         recipe.prep.siglip_batch_size)
-            torch.save(state, tmp / "siglip.pt")
-            (tmp / "prep.json").write_text(json.dumps({"first_loss": losses[0], "last_loss": losses[-1]}))
+            tower, text_side, losses = train_siglip(pixels, captions, und, recipe.prep.siglip_steps,
+                                                    recipe.prep.siglip_batch_size)
+            save_siglip(tmp, tower, text_side, und, losses)
             log(f"prep: SigLIP pretrained, sigmoid loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f}")
 
-        out["und_encoder_path"] = str(build_once(root / f"siglip-{key}", build_siglip) / "siglip.pt")
+        siglip_dir = build_once(root / f"siglip-{key}", build_siglip)
+        out["und_encoder_path"], out["siglip_dir"] = str(siglip_dir / "siglip.pt"), str(siglip_dir)
     return out
+
+
+def prepare_tokenizer(data_dir: Path, recipe: Recipe, root: Path, log: Callable[[str], None]) -> Path:
+    """A byte-level BPE trained on the shapes world's training text, in the templates the model sees."""
+    from janusflow.tokenizer import OFFICIAL_SYSTEM_PROMPT, gen_prompt, sft_prompt, train_bpe_tokenizer
+
+    size = recipe.prep.tokenizer_vocab_size
+    key = config_hash(to_dict(recipe.data.shapes), size, TOKENIZER_FORMAT)
+
+    def corpus() -> list[str]:
+        texts = [gen_prompt(json.loads(line)["caption"])
+                 for line in (data_dir / "gen_train.jsonl").read_text().splitlines() if line.strip()]
+        for record in json.loads((data_dir / "und_train.json").read_text()):
+            turns = [t["value"].replace("<image>", "").strip() for t in record["conversations"]]
+            texts += [sft_prompt(q, recipe.data.und_system_prompt) + f" {a}" for q, a in zip(turns[::2], turns[1::2])]
+        texts += [json.loads(line)["text"] for line in (data_dir / "text_train.jsonl").read_text().splitlines()
+                  if line.strip()]
+        return texts + [OFFICIAL_SYSTEM_PROMPT]
+
+    def build(tmp: Path) -> None:
+        tok = train_bpe_tokenizer(corpus(), size, tmp)
+        log(f"prep: BPE tokenizer trained, {tok.vocab_size} tokens")
+
+    return build_once(root / f"tokenizer-{key}", build)
 
 
 def _load_train_images(data_dir: Path, size: int) -> tuple[torch.Tensor, list[str]]:

@@ -35,8 +35,15 @@ from janusflow.imaging import save_grid
 from janusflow.models.codec import LatentCodec
 from janusflow.models.janusflow import JanusFlow
 from janusflow.models.repa import build_projector, match_grid, repa_loss
-from janusflow.tokenizer import gen_prompt, load_tokenizer
-from janusflow.train.checkpoint import CheckpointManager, rng_state, set_rng_state, write_dir_atomic
+from janusflow.models.und_inputs import num_und_tokens, und_encoder_inputs, uses_vae
+from janusflow.tokenizer import check_vocab, gen_prompt, load_tokenizer
+from janusflow.train.checkpoint import (
+    CheckpointManager,
+    check_disk_space,
+    rng_state,
+    set_rng_state,
+    write_dir_atomic,
+)
 from janusflow.train.logging import RunLogger, print0
 from janusflow.train.stages import apply_freeze_policy
 
@@ -45,13 +52,19 @@ class NonFiniteError(RuntimeError):
     """Training produced non-finite losses or gradients it cannot recover from."""
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed as asked (e.g. it was written by another number of ranks)."""
+
+
 class TrainModule(nn.Module):
     """JanusFlow plus the training-only REPA projector; ``forward(batch)`` returns the losses."""
 
-    def __init__(self, model: JanusFlow, repa_weight: float, repa_layer: int, repa_hidden: int):
+    def __init__(self, model: JanusFlow, repa_weight: float, repa_layer: int, repa_hidden: int,
+                 repa_cached: bool = False):
+        """``repa_cached``: the batches carry REPA's targets (``repa_feats``) instead of pixels for SigLIP."""
         super().__init__()
         self.model = model
-        self.repa_weight, self.repa_layer = repa_weight, repa_layer
+        self.repa_weight, self.repa_layer, self.repa_cached = repa_weight, repa_layer, repa_cached
         self.projector = None
         if repa_weight > 0:
             cfg = model.config
@@ -78,9 +91,15 @@ class TrainModule(nn.Module):
         size = self.model.config.und_encoder.image_size
         return self._ref().new_zeros(1, 3, size, size)
 
+    def _placeholder_und_input(self) -> torch.Tensor:
+        if not uses_vae(self.model.config):
+            return self._placeholder_pixels()
+        cfg = self.model.config.gen_encoder
+        return self._ref().new_zeros(1, cfg.latent_channels, 2 * cfg.stride, 2 * cfg.stride)
+
     def _placeholder_ar(self) -> dict:
         ids = torch.zeros(1, 1, dtype=torch.long, device=self._ref().device)
-        return {"input_ids": ids, "labels": ids - 100, "attention_mask": torch.ones_like(ids),
+        return {"input_ids": ids, "labels": ids - 100, "attention_mask": torch.ones_like(ids), "sample_index": ids,
                 "pixel_values": None, "image_seq_mask": torch.zeros_like(ids, dtype=torch.bool),
                 "is_und": torch.zeros(1, dtype=torch.bool, device=ids.device)}
 
@@ -91,22 +110,32 @@ class TrainModule(nn.Module):
         latents = ref.new_zeros(1, cfg.latent_channels, side, side)
         ids = torch.zeros(1, 1, dtype=torch.long, device=ref.device)
         return {"latents": latents, "noise": latents, "t": ref.new_zeros(1), "prefix_ids": ids,
-                "prefix_mask": torch.ones_like(ids), "repa_pixels": self._placeholder_pixels()}
+                "prefix_mask": torch.ones_like(ids), **self._placeholder_repa_target()}
+
+    def _placeholder_repa_target(self) -> dict:
+        """Like the real rows': cached features, or pixels for a live SigLIP pass (ZeRO-3 gathers its weights
+        collectively, so every rank must call it alike)."""
+        if not self.repa_cached:
+            return {"repa_pixels": self._placeholder_pixels()}
+        tower = self.model.vision_und_enc_model
+        return {"repa_feats": self._ref().new_zeros(1, tower.num_patches, self.model.config.und_encoder.width)}
 
     def _ar_losses(self, ar: dict, n: int, losses: dict, real: bool) -> torch.Tensor:
         m = self.model
         has_images = ar["pixel_values"] is not None
-        images = m.encode_und_images(ar["pixel_values"] if has_images else self._placeholder_pixels())
+        images = m.encode_und_images(ar["pixel_values"] if has_images else self._placeholder_und_input())
         embeds = m.embed_tokens(ar["input_ids"])
         if has_images:
             embeds = m.place_und_images(embeds, images.to(embeds.dtype), ar["image_seq_mask"])
-        logits = m.language_model(inputs_embeds=embeds, attention_mask=ar["attention_mask"], use_cache=False).logits
+        # Packed rows (data.packing) carry position_ids and no 2D mask: transformers masks per sample.
+        logits = m.language_model(inputs_embeds=embeds, attention_mask=ar["attention_mask"],
+                                  position_ids=ar.get("position_ids"), use_cache=False).logits
         placeholder = 0.0 * images.sum() if not has_images else 0.0
         if not real:
             return placeholder + 0.0 * logits.sum()
         labels = ar["labels"][:, 1:]
         ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        per_sample = ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
+        per_sample = per_sample_mean(ce, labels != -100, ar["sample_index"][:, 1:], ar["is_und"].shape[0])
         total = per_sample.new_zeros(()) + placeholder
         for task, rows in (("und", ar["is_und"]), ("text", ~ar["is_und"])):
             if rows.any():
@@ -124,14 +153,41 @@ class TrainModule(nn.Module):
         if real:
             losses["loss_rf"] = loss.detach()
         if self.projector is not None:
-            with torch.no_grad():
-                feats = self.model.vision_und_enc_model(gen["repa_pixels"])
+            feats = gen.get("repa_feats")  # cached by the data stream while SigLIP is frozen
+            if feats is None:
+                with torch.no_grad():
+                    feats = self.model.vision_und_enc_model(gen["repa_pixels"])
             side = int(round(hidden.shape[1] ** 0.5))
             align = repa_loss(self.projector(hidden), match_grid(feats, (side, side)))
             if real:
                 losses["loss_repa"] = align.detach()
             loss = loss + self.repa_weight * align
         return gen["latents"].shape[0] / n * loss if real else 0.0 * loss
+
+
+def per_sample_mean(values: torch.Tensor, valid: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of ``values`` [R, L] over the ``valid`` positions of each sample (``index`` [R, L]: its number) -> [n]."""
+    sums = values.new_zeros(n).index_add(0, index[valid], values[valid])
+    counts = values.new_zeros(n).index_add(0, index[valid], valid[valid].to(values.dtype))
+    return sums / counts.clamp(min=1)
+
+
+def apply_speed_options(model: JanusFlow, activation_checkpointing: bool, compile: bool) -> None:
+    """Training-only switches that leave the maths unchanged (in place; the state-dict keys stay the same).
+
+    activation_checkpointing: the LLM's decoder layers (transformers) and SigLIP's blocks (timm) keep only
+    their inputs and recompute the rest in the backward pass, non-reentrant, so frozen inputs and the REPA
+    hidden state of any layer still get their gradients. compile: torch.compile the generation encoder and
+    decoder, one static graph per input shape (the number of gen rows in a micro-batch varies, so up to
+    micro_batch_size + 1 graphs; beyond torch's recompile limit, 8, a new shape runs eagerly). Static because
+    inductor's CPU backend fails on dynamic spatial sizes (torch 2.14), which the one-row placeholder brings.
+    """
+    if activation_checkpointing:
+        model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.vision_und_enc_model.vision_tower.set_grad_checkpointing(True)
+    if compile:
+        model.vision_gen_enc_model.compile(dynamic=False)
+        model.vision_gen_dec_model.compile(dynamic=False)
 
 
 class EMA:
@@ -161,6 +217,13 @@ def _gathered(params):
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def _load_part(module: nn.Module, state: dict, source: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # torch's message lists the missing, unexpected and mis-shaped keys
+        raise ValueError(f"{source} does not fit the recipe's model: {e}") from None
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -237,33 +300,35 @@ class Trainer:
     # -------------------------------------------------------------- set-up
 
     def setup(self) -> None:
-        from janusflow.data.latent_cache import LatentCache
+        from janusflow.data.latent_cache import build_latent_cache
         from janusflow.train.prep import cache_root, config_hash, prepare
 
         r = self.recipe
+        self._check_paths()
         self._check_run_dir()
         if self.rank == 0:
             self.prep = prepare(r, print0)
         _barrier()
         if self.rank != 0:
             self.prep = prepare(r, lambda *_: None)  # every artefact exists now: just reads the paths
-        self.tokenizer = load_tokenizer(r.tokenizer.path, r.tokenizer.kind, r.model.llm.vocab_size)
-        if self.tokenizer.vocab_size > r.model.llm.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.llm.vocab_size is "
-                             f"{r.model.llm.vocab_size}")
+        tok_path, tok_kind = r.tokenizer.path, r.tokenizer.kind
+        if self.prep["tokenizer_path"]:
+            tok_path, tok_kind = self.prep["tokenizer_path"], "hf"
+        self.tokenizer = load_tokenizer(tok_path, tok_kind, r.model.llm.vocab_size)
+        check_vocab(self.tokenizer, r.model.llm.vocab_size, f"({tok_kind}, {tok_path or 'built in'})")
         codec_cfg = dataclasses.replace(r.codec, path=self.prep["codec_path"])
         torch.manual_seed(r.train.seed)  # an untrained codec (tests) must be the same on every rank
         self.codec = LatentCodec.from_config(codec_cfg).to(self.device)
-        source_cfgs = self._source_cfgs()
+        self.source_cfgs = source_cfgs = self._source_cfgs()
         self.sources = self._open_sources(source_cfgs)
         self.latent_cache = None
         if r.data.cache_latents and self.sources.get("gen"):
             key = config_hash(str(self.prep["codec_path"]), to_dict(r.codec), r.model.gen_image_size)
             paths = [cache_root(r) / f"latents-{key}-{config_hash(s.path)}.pt" for s in source_cfgs["gen"]]
             if self.rank == 0:
-                LatentCache.build(self.sources["gen"], self.codec, r.model.gen_image_size, paths)
+                build_latent_cache(self.sources["gen"], self.codec, r.model.gen_image_size, paths)
             _barrier()
-            self.latent_cache = LatentCache.build(self.sources["gen"], self.codec, r.model.gen_image_size, paths)
+            self.latent_cache = build_latent_cache(self.sources["gen"], self.codec, r.model.gen_image_size, paths)
         self.logger = RunLogger(self.run_dir, r.logging, to_dict(r), enabled=self.rank == 0,
                                 run_name=self.run_name, group=self.group)
         if self.rank == 0:
@@ -282,6 +347,19 @@ class Trainer:
                 probe.unlink()
             except OSError as e:
                 raise OSError(f"the run directory {self.run_dir} is not writable: {e}") from None
+            with torch.device("meta"):  # the parameter count without allocating the model
+                num_params = sum(p.numel() for p in JanusFlow(self.recipe.model).parameters())
+            check_disk_space(self.run_dir, num_params)
+
+    def _check_paths(self) -> None:
+        """Files and folders the recipe names, checked before any work (prep alone can take minutes)."""
+        r = self.recipe
+        paths = {"llm_path": r.llm_path, "und_encoder_path": r.und_encoder_path, "codec.path": r.codec.path,
+                 "tokenizer.path": r.tokenizer.path, "train.deepspeed_config": r.train.deepspeed_config}
+        paths |= {f"stages.{i}.init_from": s.init_from for i, s in enumerate(r.stages) if s.init_from != "previous"}
+        for key, path in paths.items():
+            if path and not Path(path).exists():
+                raise FileNotFoundError(f"{key}: {path} does not exist")
 
     def _source_cfgs(self) -> dict:
         """The recipe's sources per task, with ``{shapes}`` replaced by the prepared dataset folder."""
@@ -315,22 +393,35 @@ class Trainer:
         init = stage.init_from
         if index > 0 and init == "previous":
             prev = self.stage_dir(index - 1)
-            model = JanusFlow.from_pretrained(prev / "final")
+            model = self._check_start(JanusFlow.from_pretrained(prev / "final"), prev / "final")
             ema = JanusFlow.from_pretrained(prev / "final_ema") if (prev / "final_ema").exists() else None
             return model, ema
         if init not in (None, "previous"):
-            return JanusFlow.from_pretrained(init), None
+            return self._check_start(JanusFlow.from_pretrained(init), init), None
         torch.manual_seed(r.train.seed)
         model = JanusFlow(r.model)
         if r.llm_path:
             from transformers import LlamaForCausalLM
 
             llm = LlamaForCausalLM.from_pretrained(r.llm_path)
-            model.language_model.load_state_dict(llm.state_dict())
+            _load_part(model.language_model, llm.state_dict(), f"llm_path {r.llm_path}")
         if self.prep.get("und_encoder_path"):
             state = torch.load(self.prep["und_encoder_path"], map_location="cpu", weights_only=True)
-            model.vision_und_enc_model.load_state_dict(state)
+            _load_part(model.vision_und_enc_model, state, f"und_encoder_path {self.prep['und_encoder_path']}")
         return model, None
+
+    def _check_start(self, model: JanusFlow, source: str | Path) -> JanusFlow:
+        """A start model must fit the data pipeline, which follows the recipe's model config."""
+        want, got = to_dict(self.recipe.model), to_dict(model.config)
+        for key in ("gen_image_size", "und_encoder_kind", "llm.vocab_size", "und_encoder.image_size",
+                    "und_encoder.patch_size", "gen_encoder.latent_channels"):
+            a, b = want, got
+            for part in key.split("."):
+                a, b = a.get(part), b.get(part)
+            if a != b:
+                raise ValueError(f"{source} has model.{key}={b} but the recipe has model.{key}={a}: start from a "
+                                 f"model made with this configuration, or change the recipe to match")
+        return model
 
     def stage_dir(self, index: int) -> Path:
         return self.run_dir / "stages" / f"{index + 1}-{self.recipe.stages[index].name}"
@@ -392,11 +483,12 @@ class Trainer:
         model, ema_init = self.build_model(index, stage)
         trainable = apply_freeze_policy(model, stage.policy)
         repa_weight = r.train.repa.weight if stage.repa_weight is None else stage.repa_weight
-        module = TrainModule(model, repa_weight, r.train.repa.layer, r.train.repa.hidden_dim)
-        if r.train.gradient_checkpointing:
-            model.language_model.gradient_checkpointing_enable()
+        repa_targets = self.repa_cache(model) if repa_weight > 0 else None
+        module = TrainModule(model, repa_weight, r.train.repa.layer, r.train.repa.hidden_dim,
+                             repa_cached=repa_targets is not None)
         ema = EMA(ema_init if ema_init is not None else model, r.train.ema_decay)
         ema.model.to(self.device)
+        apply_speed_options(model, r.train.activation_checkpointing, r.train.compile)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(r.train.betas),
                                       weight_decay=r.train.weight_decay)
@@ -409,11 +501,11 @@ class Trainer:
             deepspeed.zero.register_external_parameter(engine.module, model.beg_of_und_embed)
         ckpt = CheckpointManager(sdir / "checkpoints", keep=r.train.keep_checkpoints)
         ckpt.clean_incomplete()
-        stream = self._stream(stage, index)
+        stream = self._stream(stage, index, repa_targets)
         start = 0
         tag = ckpt.latest() if self.resume != "none" else None
         if tag is not None:
-            module_only = self._check_resumable(ckpt, tag)
+            module_only = self._check_resumable(ckpt, tag, ema)
             state = ckpt.load(engine, tag, module_only=module_only)
             start = state["step"]
             set_rng_state(state["rng"])
@@ -427,10 +519,12 @@ class Trainer:
         self.logger.start_bar(stage.name, start, stage.max_steps)
         metrics: dict = {}
         bad_streak = 0
+        stop = stage.max_steps if self.steps_left is None else min(stage.max_steps, start + self.steps_left)
+        batches = stream.batches(start, stop, stage.batch_size, stage.micro_batch_size, self.rank, self.world,
+                                 num_workers=r.data.num_workers, pin_memory=self.device.type == "cuda")
         for step in range(start, stage.max_steps):
             t0 = time.time()
-            micros = stream.micro_batches(step, stage.batch_size, stage.micro_batch_size, self.rank, self.world)
-            sums, skipped = self._optimizer_step(engine, list(micros), step)
+            sums, skipped = self._optimizer_step(engine, next(batches), step)
             done = step + 1
             if skipped:
                 self.skipped_steps += 1
@@ -475,9 +569,11 @@ class Trainer:
         del engine
         return StageResult(stage.name, sdir, stage.max_steps, metrics)
 
-    def _check_resumable(self, ckpt: CheckpointManager, tag: str) -> bool:
-        """True when only the weights can be resumed (another number of ranks and --resume weights)."""
+    def _check_resumable(self, ckpt: CheckpointManager, tag: str, ema: EMA) -> bool:
+        """True when only the weights can be resumed (another number of ranks and --resume weights).
+        A checkpoint of another model configuration fails here, naming the keys, before DeepSpeed loads it."""
         saved = torch.load(ckpt.root / tag / "state.pt", map_location="cpu", weights_only=False)
+        ema.model.load_checked_state_dict(saved["ema"], source=f"checkpoint {ckpt.root / tag}")
         world = saved.get("world_size", self.world)
         if world == self.world or self.recipe.train.zero_stage == 0:
             return False
@@ -485,7 +581,7 @@ class Trainer:
             print0(f"resuming {ckpt.root / tag} (written by {world} ranks) on {self.world}: weights, EMA and data "
                    f"position continue, the optimizer state starts afresh")
             return True
-        raise RuntimeError(
+        raise ResumeError(
             f"{ckpt.root / tag} was written by {world} ranks and this run has {self.world}: DeepSpeed's ZeRO "
             f"optimizer shards only reload on the same number of ranks. Resume with {world} ranks, or pass "
             f"--resume weights to continue from its weights, EMA and data position with a fresh optimizer state.")
@@ -522,13 +618,32 @@ class Trainer:
                                  f"so nothing was saved. Resume from the last checkpoint with a lower learning rate.")
         return sums, bad
 
-    def _stream(self, stage: StageConfig, index: int) -> MixtureStream:
+    def repa_cache(self, model: JanusFlow):
+        """REPA's targets for every gen image, cached when SigLIP is frozen this stage (else None: computed live).
+        Keyed by SigLIP's weights, so stages 1 and 2 (the same frozen tower) share one cache."""
+        from janusflow.data.latent_cache import build_repa_cache, weights_digest
+        from janusflow.train.prep import cache_root, config_hash
+
+        r, encoder = self.recipe, model.vision_und_enc_model
+        if self.latent_cache is None or not r.data.cache_repa_features or any(
+                p.requires_grad for p in encoder.parameters()):
+            return None
+        key = config_hash(weights_digest(encoder), to_dict(r.model.und_encoder), r.model.gen_image_size)
+        paths = [cache_root(r) / f"repa-{key}-{config_hash(s.path)}.pt" for s in self.source_cfgs["gen"]]
+        encoder.to(self.device)
+        if self.rank == 0:
+            build_repa_cache(self.sources["gen"], encoder, r.model.und_encoder, r.model.gen_image_size, paths)
+        _barrier()
+        return build_repa_cache(self.sources["gen"], encoder, r.model.und_encoder, r.model.gen_image_size, paths)
+
+    def _stream(self, stage: StageConfig, index: int, repa_cache=None) -> MixtureStream:
         r = self.recipe
-        num_tokens = (r.model.und_encoder.image_size // r.model.und_encoder.patch_size) ** 2
+        num_tokens = num_und_tokens(r.model, self.codec.latent_shape(r.model.gen_image_size)[1:])
         builder = SampleBuilder(self.tokenizer, r.model, r.data, r.data.und_system_prompt, num_tokens)
         return MixtureStream(self.sources, builder, MixtureSchedule(stage.mixture), seed=r.train.seed + 1000 * index,
                              cfg_drop_prob=r.data.cfg_drop_prob, time_cfg=r.train.time_sampling,
-                             latent_cache=self.latent_cache, max_bad_fraction=r.data.max_bad_fraction)
+                             latent_cache=self.latent_cache, repa_cache=repa_cache,
+                             max_bad_fraction=r.data.max_bad_fraction, packing=r.data.packing)
 
     def _prepare_batch(self, batch: Batch) -> Batch:
         gen = batch.gen
@@ -537,6 +652,9 @@ class Trainer:
                 gen["latents"] = self.codec.encode(gen.pop("images").to(self.device)).float().cpu()
             g = torch.Generator().manual_seed(gen["noise_seed"])
             gen["noise"] = torch.randn(gen["latents"].shape, generator=g)
+        ar = batch.ar
+        if ar is not None and ar["pixel_values"] is not None:
+            ar["pixel_values"] = und_encoder_inputs(ar["pixel_values"], self.recipe.model, self.codec)
         return batch.to(self.device, self.dtype)
 
     def _reduce_metrics(self, sums: dict[str, list[float]]) -> dict[str, float]:
