@@ -32,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from janusflow.config import ConfigError, Recipe, load_recipe  # noqa: E402
+from tools.eval_args import add_eval_args, check_eval_args  # noqa: E402
+from tools.eval_args import eval_kwargs as eval_kwargs_of  # noqa: E402
 
 ARMS = "abcdef"
 # (result key, column label, lower is better)
@@ -189,22 +191,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="output directory, one run per arm + the results (default: runs/ablations, or "
                                  "runs/ablations-maxN with --max-steps N, so capped runs never pass for full ones)")
     p.add_argument("--max-steps", type=int, help="cap every stage at N steps (a quick check of the pipeline)")
-    p.add_argument("--num-geneval", type=int, default=8, help="GenEval prompts per category")
-    p.add_argument("--num-fd-images", type=int, default=128, help="generated and held-out images for FD")
-    p.add_argument("--num-vqa", type=int, default=64, help="held-out questions")
-    p.add_argument("--num-rf-images", type=int, default=32, help="held-out images for the RF validation loss")
-    p.add_argument("--sample-steps", type=int, default=20, help="Euler steps of the evaluation sampler")
-    p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0, help="evaluation seed (prompts, noise)")
+    add_eval_args(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm, e.g. train.seed=1")
     args = p.parse_args(argv)
     if not args.arms or set(args.arms) - set(ARMS):
         p.error(f"--arms takes letters of {ARMS}")
-    for name in ("num_geneval", "num_vqa", "num_rf_images", "sample_steps", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_fd_images < 2:
-        p.error("--num-fd-images must be >= 2")
+    check_eval_args(p, args, positive=("max_steps",))
     return args
 
 
@@ -214,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from janusflow.train.prep import cache_root, prepare
 
     out = Path(args.out or ("runs/ablations" if args.max_steps is None else f"runs/ablations-max{args.max_steps}"))
-    eval_kwargs = dict(num_geneval_per_category=args.num_geneval, num_fd_images=args.num_fd_images,
-                       num_vqa=args.num_vqa, num_rf_images=args.num_rf_images, steps=args.sample_steps,
-                       cfg_weight=args.cfg, seed=args.seed)
+    eval_kwargs = eval_kwargs_of(args)
     settings = {**eval_kwargs, "max_steps": args.max_steps, "overrides": args.overrides}
     arms = [a for a in ARMS if a in args.arms]
     try:

@@ -34,6 +34,8 @@ from janusflow.eval.runner import evaluate_export, evaluate_model, load_eval_dat
 from janusflow.eval.siglip_score import SigLIPJudge  # noqa: E402
 from janusflow.train.prep import cache_root  # noqa: E402
 from janusflow.train.trainer import Trainer  # noqa: E402
+from tools.eval_args import add_eval_args, check_eval_args  # noqa: E402
+from tools.eval_args import eval_kwargs as eval_kwargs_of  # noqa: E402
 
 STAGE = 1  # the compared stage: unified pre-training
 ARMS = ("repa-on", "repa-off")
@@ -334,30 +336,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="evaluate the EMA model every N stage-2 steps (default: steps / 8)")
     p.add_argument("--out", help="output directory (default: runs/compare-repa-RECIPE)")
     p.add_argument("--data", help="held-out shapes data (default: the recipe's shapes dataset)")
-    # Defaults sized so that the default recipe's comparison (17 evaluations) fits in ~40 min on 2 CPU cores.
-    p.add_argument("--num-geneval", type=int, default=8, help="GenEval prompts per category")
-    p.add_argument("--num-fd-images", type=int, default=128, help="generated and held-out images for FD")
-    p.add_argument("--num-vqa", type=int, default=64, help="held-out questions")
-    p.add_argument("--num-rf-images", type=int, default=32, help="held-out images for the RF validation loss")
-    p.add_argument("--sample-steps", type=int, default=20, help="Euler steps of the evaluation sampler")
-    p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0, help="evaluation seed (prompts, noise)")
+    add_eval_args(p)
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. train.repa.weight=0.5")
     args = p.parse_args(argv)
-    for name in ("num_geneval", "num_vqa", "num_rf_images", "sample_steps", "eval_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_fd_images < 2:
-        p.error("--num-fd-images must be >= 2")
+    check_eval_args(p, args, positive=("eval_every",))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    eval_kwargs = dict(num_geneval_per_category=args.num_geneval, num_fd_images=args.num_fd_images,
-                       num_vqa=args.num_vqa, num_rf_images=args.num_rf_images, steps=args.sample_steps,
-                       cfg_weight=args.cfg, seed=args.seed)
+    eval_kwargs = eval_kwargs_of(args)
     out = Path(args.out or f"runs/compare-repa-{Path(args.recipe).stem}")
     try:
         summary = compare_repa(args.recipe, args.overrides, out, steps=args.steps, eval_every=args.eval_every,
