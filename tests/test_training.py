@@ -68,7 +68,7 @@ def test_freeze_policy_trains_exactly_the_intended_parameters(policy, tiny_model
     assert changed == trainable
 
 
-def _stream(tmp_path: Path, phases, gen_path=None, seed=0, cfg_drop=0.1) -> MixtureStream:
+def _stream(tmp_path: Path, phases, gen_path=None, seed=0, cfg_drop=0.1, **kwargs) -> MixtureStream:
     from janusflow.data.shapes import write_shapes_dataset
 
     data = write_shapes_dataset(tmp_path / "shapes", num_train=24, num_val=4, image_size=32, max_objects=2, seed=0)
@@ -79,7 +79,7 @@ def _stream(tmp_path: Path, phases, gen_path=None, seed=0, cfg_drop=0.1) -> Mixt
                "gen": [open_source(gen_path or f"{data}/gen_train.jsonl", "caption_jsonl")],
                "text": [open_source(f"{data}/text_train.jsonl", "text_jsonl")]}
     return MixtureStream(sources, builder, MixtureSchedule(phases), seed=seed, cfg_drop_prob=cfg_drop,
-                         time_cfg=TimeSamplingConfig())
+                         time_cfg=TimeSamplingConfig(), **kwargs)
 
 
 def _mixed_batch():
@@ -117,6 +117,15 @@ def test_repa_off_computes_no_projector_and_no_siglip_pass(tiny_model):
     text_share = 1 - gen_share - und_share
     total = gen_share * expected + und_share * out["loss_und"] + text_share * out["loss_text"]
     torch.testing.assert_close(out["loss"], total)
+
+
+def test_repa_off_stream_prepares_no_repa_targets(tmp_path):
+    on = next(_stream(tmp_path / "on", [MixturePhase(und=1, gen=2, text=1)]).micro_batches(0, 8, 8))
+    off = next(_stream(tmp_path / "off", [MixturePhase(und=1, gen=2, text=1)], repa=False).micro_batches(0, 8, 8))
+    assert "repa_pixels" in on.gen and not {"repa_pixels", "repa_feats"} & set(off.gen)
+    for key in on.gen.keys() - {"repa_pixels"}:  # everything else is the same batch
+        a, b = on.gen[key], off.gen[key]
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
 
 
 # ----------------------------------------------------------------------------- mixture

@@ -116,14 +116,16 @@ class SampleBuilder:
         return ids
 
     def gen(self, rec: CaptionRecord, rng: random.Random, center_crop: bool,
-            repa_feats: torch.Tensor | None = None) -> dict:
+            repa_feats: torch.Tensor | None = None, repa: bool = True) -> dict:
         """Prompt = the official generation template without its last tag (t_emb takes its place).
         REPA's target is the SigLIP features of the same (clean, cropped) image: ``repa_feats`` when
-        cached, else the pixels SigLIP will see."""
+        cached, else the pixels SigLIP will see; none at all with ``repa`` off."""
         caption = self.tok.decode(self._truncate(self.tok.encode(rec.caption, add_bos=False),
                                                  self.data_cfg.max_text_len, "caption"))
         ids = self.tok.encode(sft_prompt(caption))
         image = gen_transform(rec.image, self.gen_size, rng if not center_crop else None)
+        if not repa:
+            return {"ids": ids, "image": image}
         if repa_feats is not None:
             return {"ids": ids, "image": image, "repa_feats": repa_feats}
         return {"ids": ids, "image": image, "repa_pixels": repa_pixels(image, self.und_cfg)}
@@ -240,7 +242,7 @@ def collate_gen(samples: list[dict], tok: Tokenizer, drop: list[bool]) -> dict:
     out = {"prefix_ids": ids, "prefix_mask": mask}
     if all("repa_feats" in s for s in samples):
         out["repa_feats"] = torch.stack([s["repa_feats"] for s in samples])
-    else:
+    elif all("repa_pixels" in s for s in samples):
         out["repa_pixels"] = torch.stack([s["repa_pixels"] for s in samples])
     if all("latent" in s for s in samples):
         out["latents"] = torch.stack([s["latent"] for s in samples])
@@ -254,15 +256,16 @@ class MixtureStream:
 
     def __init__(self, sources: dict[str, list], builder: SampleBuilder, schedule: MixtureSchedule, *,
                  seed: int, cfg_drop_prob: float, time_cfg: TimeSamplingConfig, latent_cache=None, repa_cache=None,
-                 max_bad_fraction: float = 0.5, packing: bool = False):
+                 max_bad_fraction: float = 0.5, packing: bool = False, repa: bool = True):
         """``latent_cache`` / ``repa_cache``: janusflow.data.latent_cache.RecordCache of the gen sources
-        (centre crops); the REPA cache is only valid together with the latent cache (same crop)."""
+        (centre crops); the REPA cache is only valid together with the latent cache (same crop).
+        ``repa`` off: gen samples carry no REPA target (no SigLIP preprocessing per image)."""
         self.sources, self.builder, self.schedule = sources, builder, schedule
         self.seed, self.cfg_drop_prob, self.time_cfg = seed, cfg_drop_prob, time_cfg
         self.latent_cache = latent_cache
         self.repa_cache = repa_cache if latent_cache is not None else None
         self.max_bad_fraction = max_bad_fraction
-        self.packing = packing
+        self.packing, self.repa = packing, repa
         self.stats: Counter = Counter()
         """Records used (``gen_ok``) and skipped (``gen_skipped``) per task, the skipped ones also by reason
         (``gen_bad_image``, ``text_bad_json``, ...): the ``data/*`` metrics, restored on resume."""
@@ -311,7 +314,8 @@ class MixtureStream:
             if task == "gen":
                 cached = self.latent_cache.get(k, idx) if self.latent_cache is not None else None
                 feats = self.repa_cache.get(k, idx) if self.repa_cache is not None else None
-                sample = self.builder.gen(rec, rng, center_crop=self.latent_cache is not None, repa_feats=feats)
+                sample = self.builder.gen(rec, rng, center_crop=self.latent_cache is not None, repa_feats=feats,
+                                          repa=self.repa)
                 if cached is not None:
                     sample["latent"] = cached
                 sample["drop"] = rng.random() < self.cfg_drop_prob
@@ -359,7 +363,7 @@ class MixtureStream:
         if ar:
             batch.ar = collate_ar([s for _, s in ar], tok, [t for t, _ in ar], pack=self.packing)
         if gen:
-            if not all("repa_feats" in s for s in gen):  # a record the cache missed: the whole block goes live
+            if self.repa and not all("repa_feats" in s for s in gen):  # a record the cache missed: all go live
                 for s in gen:
                     s.setdefault("repa_pixels", repa_pixels(s["image"], self.builder.und_cfg))
             batch.gen = collate_gen(gen, tok, [s["drop"] for s in gen])

@@ -501,7 +501,7 @@ class Trainer:
             deepspeed.zero.register_external_parameter(engine.module, model.beg_of_und_embed)
         ckpt = CheckpointManager(sdir / "checkpoints", keep=r.train.keep_checkpoints)
         ckpt.clean_incomplete()
-        stream = self._stream(stage, index, repa_targets)
+        stream = self._stream(stage, index, repa_targets, repa=repa_weight > 0)
         start = 0
         tag = ckpt.latest() if self.resume != "none" else None
         if tag is not None:
@@ -636,14 +636,14 @@ class Trainer:
         _barrier()
         return build_repa_cache(self.sources["gen"], encoder, r.model.und_encoder, r.model.gen_image_size, paths)
 
-    def _stream(self, stage: StageConfig, index: int, repa_cache=None) -> MixtureStream:
+    def _stream(self, stage: StageConfig, index: int, repa_cache=None, repa: bool = True) -> MixtureStream:
         r = self.recipe
         num_tokens = num_und_tokens(r.model, self.codec.latent_shape(r.model.gen_image_size)[1:])
         builder = SampleBuilder(self.tokenizer, r.model, r.data, r.data.und_system_prompt, num_tokens)
         return MixtureStream(self.sources, builder, MixtureSchedule(stage.mixture), seed=r.train.seed + 1000 * index,
                              cfg_drop_prob=r.data.cfg_drop_prob, time_cfg=r.train.time_sampling,
                              latent_cache=self.latent_cache, repa_cache=repa_cache,
-                             max_bad_fraction=r.data.max_bad_fraction, packing=r.data.packing)
+                             max_bad_fraction=r.data.max_bad_fraction, packing=r.data.packing, repa=repa)
 
     def _prepare_batch(self, batch: Batch) -> Batch:
         gen = batch.gen
