@@ -13,6 +13,7 @@ its images whatever the batch size and the device.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -123,10 +124,16 @@ def read_vae(path: Path) -> AutoencoderKL:
 
 def image_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
     """Starting noise [C, H, W] of image ``index`` under ``seed``: a function of the pair only (CPU RNG)."""
+    return torch.randn(tuple(shape), generator=image_generator(seed, index))
+
+
+def image_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator of image ``index`` under ``seed``: stream 0 draws its starting noise, 1 its SDE increments."""
     if seed < 0:
         raise PipelineError(f"seed must be >= 0, got {seed}")
-    state = np.random.SeedSequence([seed, index]).generate_state(1)[0]
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(state)))
+    words = [seed, index] if stream == 0 else [seed, index, stream]
+    state = np.random.SeedSequence(words).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,15 +275,20 @@ class Pipeline:
         return ids
 
     def generate(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 30, cfg_weight: float = 2.0,
-                 solver: str = "euler", batch_size: int = 8,
+                 solver: str = "euler", batch_size: int = 8, sde_noise: float = 1.0,
                  progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-        """One image per prompt (repeat a prompt for several). ``progress(done, total)`` counts solver steps."""
+        """One image per prompt (repeat a prompt for several). ``progress(done, total)`` counts solver steps.
+
+        ``solver="sde"`` draws image i's increments from (seed, i) too, so its images also do not depend on
+        the batch size; ``sde_noise`` is its eta (janusflow.sampling.euler_maruyama)."""
         if self.codec is None:
             raise PipelineError("this pipeline was loaded without a VAE; pass --vae DIR")
         if solver not in SOLVERS:
             raise PipelineError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
         if steps < 1 or batch_size < 1:
             raise PipelineError("steps and batch_size must be >= 1")
+        if not (math.isfinite(sde_noise) and sde_noise >= 0):
+            raise PipelineError(f"sde_noise must be a number >= 0, got {sde_noise}")
         if not prompts:
             return []
         ids = [self.gen_ids(p) for p in prompts]
@@ -288,8 +300,12 @@ class Pipeline:
         for b, start in enumerate(starts):
             done = b * steps
             step_progress = (lambda k, _n, done=done: progress(done + k, total)) if progress else None
-            z, nfe = self._sample(ids[start:start + batch_size], noise[start:start + batch_size], steps, cfg_weight,
-                                  solver, step_progress)
+            stop = min(start + batch_size, len(prompts))
+            gens = [image_generator(seed, i, stream=1) for i in range(start, stop)] if solver == "sde" else []
+            step_noise = (lambda _k, gens=gens: torch.stack([torch.randn(self.latent_shape(), generator=g)
+                                                               for g in gens])) if gens else None
+            z, nfe = self._sample(ids[start:stop], noise[start:stop], steps, cfg_weight, solver, step_progress,
+                                  sde_noise, step_noise)
             self.last_nfe += nfe
             images += [Image.fromarray(x) for x in to_uint8(self.codec.decode(z)).numpy()]
             if progress:
@@ -297,11 +313,12 @@ class Pipeline:
         return images
 
     def _sample(self, ids: list[list[int]], noise: torch.Tensor, steps: int, cfg_weight: float, solver: str,
-                progress: Callable | None) -> tuple[torch.Tensor, int]:
+                progress: Callable | None, sde_noise: float, step_noise: Callable | None) -> tuple[torch.Tensor, int]:
         input_ids, mask = left_pad(ids, self.tokenizer.pad_id)
         return sample_latents(self.model, input_ids.to(self.device), noise.to(self.device), steps=steps,
                               cfg_weight=cfg_weight, pad_id=self.tokenizer.pad_id, attention_mask=mask.to(self.device),
-                              solver=solver, progress=progress, return_nfe=True)
+                              solver=solver, progress=progress, return_nfe=True, sde_noise=sde_noise,
+                              step_noise=step_noise)
 
     @torch.no_grad()
     def answer(self, image: Image.Image, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,

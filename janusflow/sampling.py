@@ -5,6 +5,10 @@ dropped and replaced by the t_emb token; conditional and unconditional rows run 
 unconditional rows keep BOS, their prompt is pad tokens and masked); v = w * v_c - (w - 1) * v_u;
 Euler from t = 0 (noise) with t_k = k / N, the model seeing t_k * 1000.
 
+``solver="sde"`` integrates instead the stochastic differential equation that has the same marginals
+as the ODE (Euler-Maruyama, ``sde_noise`` = eta): fresh noise each step lets an imperfect model correct
+errors of earlier steps that the deterministic ODE carries to the end (see ``euler_maruyama``).
+
 The official loop recomputes the whole sequence every step. The prompt prefix does not depend on
 t or z under a causal mask, so ``sample_latents`` computes it once and reuses its KV cache, giving
 the same result; ``sample_latents_reference`` keeps the full recompute for tests and benchmarks.
@@ -21,8 +25,9 @@ import torch
 from transformers import DynamicCache
 
 from janusflow.flow import euler_times
+from janusflow.models.llm import CACHE_KWARG
 
-SOLVERS = ("euler", "heun", "midpoint", "rk4", "dopri5")
+SOLVERS = ("euler", "heun", "midpoint", "rk4", "dopri5", "sde")
 _TORCHDIFFEQ_NAMES = {"heun": "heun2", "midpoint": "midpoint", "rk4": "rk4", "dopri5": "dopri5", "euler": "euler"}
 
 
@@ -57,7 +62,7 @@ class CachedVelocity:
         self.model, self.cfg_weight, self.prefix_mask = model, cfg_weight, prefix_mask
         self.cache = DynamicCache()
         model.language_model.model(inputs_embeds=prefix_embeds, attention_mask=prefix_mask,
-                                   past_key_values=self.cache, use_cache=True)
+                                   use_cache=True, **{CACHE_KWARG: self.cache})
         self.prefix_len = prefix_embeds.shape[1]
         self.nfe = 0
 
@@ -67,8 +72,8 @@ class CachedVelocity:
         embeds = torch.cat([gen.t_emb.unsqueeze(1), gen.tokens], dim=1).to(self.model.dtype_for_llm)
         n = gen.tokens.shape[1]
         mask = torch.cat([self.prefix_mask, self.prefix_mask.new_ones(self.prefix_mask.shape[0], 1 + n)], dim=1)
-        out = self.model.language_model.model(inputs_embeds=embeds, attention_mask=mask,
-                                              past_key_values=self.cache, use_cache=True)
+        out = self.model.language_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
+                                              **{CACHE_KWARG: self.cache})
         self.cache.crop(-(1 + n))  # drop this step's t/z entries, keep the prompt's
         return guide(self.model.velocity_from_hidden(out.last_hidden_state[:, -n:], gen), self.cfg_weight)
 
@@ -89,21 +94,19 @@ class RecomputeVelocity:
 
 
 def solve(velocity: Callable, noise: torch.Tensor, steps: int, solver: str = "euler",
-          rtol: float = 1e-4, atol: float = 1e-4, progress: Callable | None = None) -> torch.Tensor:
+          rtol: float = 1e-4, atol: float = 1e-4, progress: Callable | None = None, sde_noise: float = 1.0,
+          step_noise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Integrate dz/dt = velocity(t, z) from t = 0 (noise) to t = 1.
 
     Euler is the official fixed-step loop (t_k = k / N); the others run through torchdiffeq
-    (fixed-step ones with step 1 / N, dopri5 adaptive with rtol / atol).
+    (fixed-step ones with step 1 / N, dopri5 adaptive with rtol / atol), except ``sde``
+    (``euler_maruyama`` with eta = ``sde_noise`` and the increments ``step_noise(k)``).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
-    if solver == "euler":
-        z, dt = noise, 1.0 / steps
-        for k, t in enumerate(euler_times(steps)):
-            z = z + dt * velocity(t, z)
-            if progress:
-                progress(k + 1, steps)
-        return z
+    if solver in ("euler", "sde"):
+        eta = sde_noise if solver == "sde" else 0.0
+        return euler_maruyama(velocity, noise, steps, eta, step_noise, progress)
     from torchdiffeq import odeint
 
     # torchdiffeq's step-size control underflows in half precision: integrate a float32 state.
@@ -115,14 +118,45 @@ def solve(velocity: Callable, noise: torch.Tensor, steps: int, solver: str = "eu
     return z.to(dtype)
 
 
+def euler_maruyama(velocity: Callable, noise: torch.Tensor, steps: int, eta: float = 0.0,
+                   step_noise: Callable[[int], torch.Tensor] | None = None,
+                   progress: Callable | None = None) -> torch.Tensor:
+    """Fixed steps t_k = k / N of the SDE with the marginals of the rectified-flow ODE; eta = 0 is the ODE (Euler).
+
+        dz = [v - (w / 2) * x0_hat / (1 - t)] dt + sqrt(w) dW,   w(t) = eta * (1 - t)
+
+    x0_hat = z - t * v is the predicted noise, so -x0_hat / (1 - t) is the score of p_t: the added
+    drift and the Brownian term cancel in the marginals (any w), while the noise keeps pulling the path
+    back towards where the model was trained. The diffusion w vanishes at the data end, and the last
+    step is deterministic. ``step_noise(k)`` gives the standard normal increment of step k (shape of
+    ``noise``; default: the global torch RNG).
+    """
+    if eta < 0:
+        raise ValueError(f"the SDE noise scale eta must be >= 0, got {eta}")
+    z, dt = noise, 1.0 / steps
+    for k, t in enumerate(euler_times(steps)):
+        v = velocity(t, z)
+        if eta > 0 and k < steps - 1:
+            w = eta * (1.0 - t)
+            dw = step_noise(k) if step_noise is not None else torch.randn_like(z)
+            z = z + dt * (v - 0.5 * eta * (z - t * v)) + (w * dt) ** 0.5 * dw.to(z)
+        else:
+            z = z + dt * v
+        if progress:
+            progress(k + 1, steps)
+    return z
+
+
 @torch.no_grad()
 def sample_latents(model, input_ids: torch.Tensor, noise: torch.Tensor, *, steps: int = 30,
                    cfg_weight: float = 2.0, pad_id: int, attention_mask: torch.Tensor | None = None,
                    solver: str = "euler", use_cache: bool = True, progress: Callable | None = None,
-                   rtol: float = 1e-4, atol: float = 1e-4, return_nfe: bool = False):
+                   rtol: float = 1e-4, atol: float = 1e-4, return_nfe: bool = False, sde_noise: float = 1.0,
+                   step_noise: Callable[[int], torch.Tensor] | None = None):
     """Text-to-image latents (t = 1) from noise [B, C, H, W] and prompts input_ids [B, L].
 
     input_ids are left-padded (attention_mask marks real tokens) and end with the begin-of-image tag.
+    ``sde_noise`` / ``step_noise``: eta and the Brownian increments of ``solver="sde"`` (see ``euler_maruyama``).
     """
     if input_ids.shape[0] != noise.shape[0]:
         raise ValueError(f"{input_ids.shape[0]} prompts but {noise.shape[0]} noise samples")
@@ -135,7 +169,7 @@ def sample_latents(model, input_ids: torch.Tensor, noise: torch.Tensor, *, steps
     prefix, mask = cfg_prefix(model, input_ids, attention_mask, pad_id)
     prefix = prefix.to(model.dtype_for_llm)
     velocity = (CachedVelocity if use_cache else RecomputeVelocity)(model, prefix, mask, cfg_weight)
-    z = solve(velocity, noise.to(model.dtype_for_llm), steps, solver, rtol, atol, progress)
+    z = solve(velocity, noise.to(model.dtype_for_llm), steps, solver, rtol, atol, progress, sde_noise, step_noise)
     return (z, velocity.nfe) if return_nfe else z
 
 

@@ -62,6 +62,16 @@ def test_same_seed_same_images_whatever_the_batch_size(pipe):
     assert pipe.last_nfe == 3 * 4 and pipe.last_num_batches == 3
 
 
+def test_sde_sampling_is_seeded_per_image(pipe):
+    a = pipe.generate(PROMPTS, seed=3, steps=4, batch_size=3, solver="sde", sde_noise=2.0)
+    b = pipe.generate(PROMPTS, seed=3, steps=4, batch_size=1, solver="sde", sde_noise=2.0)
+    ode = pipe.generate(PROMPTS, seed=3, steps=4, batch_size=3)
+    assert np.abs(pixels(a) - pixels(b)).max() <= 1  # image i's increments come from (seed, i) alone
+    assert np.abs(pixels(a) - pixels(ode)).mean() > 1
+    with pytest.raises(PipelineError, match="sde_noise must be"):
+        pipe.generate(PROMPTS, solver="sde", sde_noise=float("nan"))
+
+
 def test_different_seeds_differ(pipe):
     a = pipe.generate(PROMPTS[:1], seed=0, steps=3)
     b = pipe.generate(PROMPTS[:1], seed=1, steps=3)
@@ -134,6 +144,7 @@ def test_cli_errors_in_subprocess(model_dir, tmp_path):
 
 @pytest.mark.parametrize("tool, args, message", [
     ("sample.py", ["--prompt", "x", "--solver", "leapfrog"], "invalid choice: 'leapfrog'"),
+    ("sample.py", ["--prompt", "x", "--solver", "sde", "--sde-noise", "-1"], "--sde-noise must be a number >= 0"),
     ("sample.py", [], "no prompt"),
     ("sample.py", ["--prompts", "/nonexistent/prompts.txt"], "cannot read prompts file /nonexistent/prompts.txt"),
     ("chat.py", ["--image", "/nonexistent/image.png", "--question", "hi"], "cannot read image"),

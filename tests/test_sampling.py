@@ -7,7 +7,7 @@ from janusflow.config import model_config
 from janusflow.flow import interpolate, sample_t
 from janusflow.models.janusflow import JanusFlow
 from janusflow.pipeline import left_pad
-from janusflow.sampling import cfg_prefix, sample_latents, sample_latents_reference, solve
+from janusflow.sampling import cfg_prefix, euler_maruyama, sample_latents, sample_latents_reference, solve
 from janusflow.tokenizer import ByteTokenizer, gen_prompt
 
 from .conftest import randomize
@@ -87,6 +87,47 @@ def test_solvers_on_analytic_field():
         torch.testing.assert_close(z1, z0 + 1, atol=tol, rtol=0)
     with pytest.raises(ValueError, match="unknown solver"):
         solve(lambda t, z: z, z0, 2, "leapfrog")
+
+
+def gaussian_velocity(mu: float, s: float):
+    """The exact rectified-flow velocity E[x1 - x0 | z_t = z] for data x1 ~ N(mu, s^2) (t = 0 is noise)."""
+
+    def v(t, z):
+        t = float(t)
+        var = t * t * s * s + (1 - t) ** 2
+        x1 = mu + t * s * s * (z - t * mu) / var
+        x0 = (1 - t) * (z - t * mu) / var
+        return x1 - x0
+
+    return v
+
+
+def test_sde_has_the_ode_marginals_on_gaussian_data():
+    mu, s = 1.5, 0.5
+    noise = torch.randn(40000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    for eta in (0.0, 1.0, 4.0):
+        z = euler_maruyama(gaussian_velocity(mu, s), noise, 200, eta,
+                           lambda k: torch.randn(noise.shape, generator=g, dtype=torch.float64))
+        assert abs(z.mean().item() - mu) < 0.01 and abs(z.std().item() - s) < 0.01, (eta, z.mean(), z.std())
+    # Without the score term the same noise would widen the distribution: the drift correction is what matters.
+    z = noise.clone()
+    for k in range(200):
+        z = z + gaussian_velocity(mu, s)(k / 200, z) / 200 + (4.0 * (1 - k / 200) / 200) ** 0.5 * torch.randn(
+            z.shape, generator=g, dtype=torch.float64)
+    assert z.std().item() > s + 0.1
+
+
+def test_sde_noise_zero_is_euler_and_increments_matter():
+    v = gaussian_velocity(0.3, 2.0)
+    z0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(solve(v, z0, 10, "sde", sde_noise=0.0), solve(v, z0, 10, "euler"))
+    a = solve(v, z0, 10, "sde", sde_noise=2.0, step_noise=lambda k: torch.full_like(z0, 0.5))
+    b = solve(v, z0, 10, "sde", sde_noise=2.0, step_noise=lambda k: torch.full_like(z0, 0.5))
+    c = solve(v, z0, 10, "sde", sde_noise=2.0, step_noise=lambda k: torch.full_like(z0, -0.5))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        solve(v, z0, 10, "sde", sde_noise=-1.0)
 
 
 @torch.no_grad()

@@ -35,7 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance weight w")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--solver", choices=SOLVERS, default="euler")
+    p.add_argument("--solver", choices=SOLVERS, default="euler",
+                   help="euler: the official ODE loop; heun/midpoint/rk4/dopri5: torchdiffeq; sde: Euler-Maruyama with "
+                        "the ODE's marginals")
+    p.add_argument("--sde-noise", type=float, default=1.0,
+                   help="eta of --solver sde: the diffusion w(t) = eta * (1 - t) (0 = the ODE)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 otherwise")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output directory")
@@ -54,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--seed must be >= 0")
     if not math.isfinite(args.cfg):
         p.error(f"--cfg must be a finite number, got {args.cfg}")
+    if not (math.isfinite(args.sde_noise) and args.sde_noise >= 0):
+        p.error(f"--sde-noise must be a number >= 0, got {args.sde_noise}")
     return args
 
 
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
         start = time.perf_counter()
         images = pipe.generate(prompts, seed=args.seed, steps=args.steps, cfg_weight=args.cfg, solver=args.solver,
-                               batch_size=args.batch_size, progress=progress)
+                               sde_noise=args.sde_noise, batch_size=args.batch_size, progress=progress)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
