@@ -250,6 +250,10 @@ class PrepConfig:
     """Train a byte-level BPE tokenizer of this size on the shapes world's text and use it (0 = use ``tokenizer``)."""
 
 
+Solver = Literal["euler", "heun", "midpoint", "rk4", "dopri5", "sde"]
+"""The samplers of janusflow.sampling.solve."""
+
+
 @dataclass
 class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -263,6 +267,9 @@ class LoggingConfig:
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 30
     sample_cfg: float = 2.0
+    sample_solver: Solver = "euler"
+    sample_sde_noise: float = 1.0
+    """eta of ``sample_solver: sde`` (janusflow.sampling.euler_maruyama)."""
     progress_bar: bool = True
 
 
@@ -456,6 +463,8 @@ def _validate(obj: Any, prefix: str) -> None:
         for i, ph in enumerate(obj.mixture):
             if min(ph.und, ph.gen, ph.text) < 0 or ph.und + ph.gen + ph.text <= 0:
                 bad(f"mixture.{i}", "ratios must be >= 0 and not all zero")
+    if isinstance(obj, LoggingConfig) and not obj.sample_sde_noise >= 0:
+        bad("sample_sde_noise", f"must be >= 0, got {obj.sample_sde_noise}")
     if isinstance(obj, RepaConfig) and obj.weight < 0:
         bad("weight", "must be >= 0")
     if isinstance(obj, TrainConfig):

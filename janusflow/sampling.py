@@ -20,14 +20,16 @@ the same result; ``sample_latents_reference`` keeps the full recompute for tests
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 from transformers import DynamicCache
 
+from janusflow.config import Solver
 from janusflow.flow import euler_times
 from janusflow.models.llm import CACHE_KWARG
 
-SOLVERS = ("euler", "heun", "midpoint", "rk4", "dopri5", "sde")
+SOLVERS = get_args(Solver)
 _TORCHDIFFEQ_NAMES = {"heun": "heun2", "midpoint": "midpoint", "rk4": "rk4", "dopri5": "dopri5", "euler": "euler"}
 
 

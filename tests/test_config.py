@@ -31,6 +31,8 @@ def test_preset_with_overrides():
         ({"model": {"preset": "huge"}}, "model.preset"),
         ({"model": {"llm": {"hidden_size": 65}}}, "model.llm.hidden_size"),
         ({"data": {"gen": [{"format": "parquet"}]}}, "data.gen.0.format"),
+        ({"logging": {"sample_solver": "ddim"}}, "logging.sample_solver"),
+        ({"logging": {"sample_sde_noise": -0.5}}, "logging.sample_sde_noise"),
     ],
 )
 def test_bad_values_name_the_key(data, key):

@@ -687,10 +687,13 @@ class Trainer:
         r, tok, model = self.recipe, self.tokenizer, ema.model
         input_ids, mask = left_pad([tok.encode(gen_prompt(p)) for p in prompts], tok.pad_id)
         shape = self.codec.latent_shape(r.model.gen_image_size)
-        noise = torch.randn(len(prompts), *shape, generator=torch.Generator().manual_seed(r.train.seed))
+        gen = torch.Generator().manual_seed(r.train.seed)
+        noise = torch.randn(len(prompts), *shape, generator=gen)
         latents = sample_latents(model, input_ids.to(self.device), noise.to(self.device), steps=r.logging.sample_steps,
                                  cfg_weight=r.logging.sample_cfg, pad_id=tok.pad_id,
-                                 attention_mask=mask.to(self.device))
+                                 attention_mask=mask.to(self.device), solver=r.logging.sample_solver,
+                                 sde_noise=r.logging.sample_sde_noise,
+                                 step_noise=lambda _k: torch.randn(noise.shape, generator=gen))
         images = [Image.fromarray(a.numpy()) for a in to_uint8(self.codec.decode(latents.float()))]
         path = save_grid(images, self.run_dir / "samples" / f"{index + 1}-{stage}-step{step:06d}.png", prompts)
         self.logger.log_image("samples", path, f"{stage} step {step}", self.global_step_offset(index) + step)
