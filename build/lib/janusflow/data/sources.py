@@ -1,0 +1,467 @@
+"""Readers of real dataset formats, and the image transforms of the two encoders.
+
+Formats: LLaVA-style conversation JSON (understanding), image-caption JSONL and WebDataset tar shards
+(generation), text JSONL (text-only). Every reader is random-access; a bad record (missing or corrupt image,
+broken JSON line, empty text or conversation) gives ``None`` from ``__getitem__`` and is counted by reason in
+``stats`` when read -- bad data never raises. A failure no check foresaw is counted as ``unexpected_error``
+(a reader bug to fix, still not fatal). Images of any mode come back as RGB.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import glob
+import io
+import json
+import random
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+CAPTION_EXTS = ("txt", "caption", "text")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant"}
+IMAGE_TOKEN = "<image>"
+UND_MIN_SIZE = 14  # the official VLMImageProcessor's min_size
+
+
+@dataclass
+class CaptionRecord:
+    image: Image.Image
+    caption: str
+
+
+@dataclass
+class ConversationRecord:
+    image: Image.Image | None
+    turns: list[tuple[str, str]]
+    """(role, text) with role "user" or "assistant"; the <image> placeholder removed, text stripped."""
+
+
+@dataclass
+class TextRecord:
+    text: str
+
+
+Record = CaptionRecord | ConversationRecord | TextRecord
+
+
+class BadRecord(Exception):
+    """A record that cannot be used; ``reason`` is its key in ``SourceDataset.stats``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB version of ``img``: transparency composited on white, 16-bit and float greyscale rescaled to 8 bit."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        # PIL's own I/F -> L conversion clips instead of rescaling, which turns 16-bit images white.
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0
+        elif img.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, name: str = "") -> Image.Image:
+    """Fully decode image bytes to RGB (so truncation shows here, not later); raises BadRecord."""
+    if not data:
+        raise BadRecord("bad_image", f"{name}: zero bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        if img.width == 0 or img.height == 0:
+            raise BadRecord("empty_image", f"{name}: size {img.size}")
+        return to_rgb(img)
+    except BadRecord:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, zlib errors ...
+        raise BadRecord("bad_image", f"{name}: {type(e).__name__}: {e}") from e
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise BadRecord("missing_file", str(path)) from e
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise BadRecord("unreadable_file", f"{path}: {e}") from e
+    return decode_image(data, str(path))
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class SourceDataset(abc.ABC):
+    """Random-access records of one dataset; ``self[i]`` is a record or None (bad, counted in ``stats``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.last_error: dict[str, str] = {}
+        """The latest message per failure reason, for error reports."""
+        self.last_reason: str | None = None
+        """The reason of the latest bad record (what the data stream counts per task)."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def _load(self, i: int) -> Record:
+        """The record at index i (0 <= i < len); raises BadRecord for unusable data."""
+
+    def _count_bad(self, reason: str, detail: str) -> None:
+        self.stats[reason] += 1
+        self.last_error[reason] = detail
+        self.last_reason = reason
+
+    def __getitem__(self, i: int) -> Record | None:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} records of {self.path}")
+        try:
+            record = self._load(i % n)
+        except BadRecord as e:
+            self._count_bad(e.reason, str(e))
+            return None
+        except Exception as e:  # a malformed record of a kind not foreseen must not stop training either
+            self._count_bad("unexpected_error", f"record {i}: {type(e).__name__}: {e}")
+            return None
+        self.stats["ok"] += 1
+        return record
+
+    def __iter__(self) -> Iterator[Record | None]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self)} records, stats={dict(self.stats)})"
+
+
+@dataclass(frozen=True)
+class BrokenLine:
+    """A JSONL line that does not parse: kept as a record so that it is counted (bad_json) when read."""
+
+    detail: str
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    """Parsed lines of a JSONL file; blank lines ignored, broken ones (bad JSON or UTF-8) kept as BrokenLine."""
+    rows: list[Any] = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                rows.append(BrokenLine(f"{path}:{number}: {e}"))
+    return rows
+
+
+def _row(rows: list[Any], i: int) -> Any:
+    if isinstance(rows[i], BrokenLine):
+        raise BadRecord("bad_json", rows[i].detail)
+    return rows[i]
+
+
+def _image_path(root: Path, rel: Any) -> Path:
+    if isinstance(rel, list) and len(rel) == 1:
+        rel = rel[0]
+    if isinstance(rel, list):
+        raise BadRecord("multi_image", f"{len(rel)} images per record are not supported")
+    if not isinstance(rel, str) or not rel.strip():
+        raise BadRecord("bad_record", f"image field {rel!r}")
+    return root / rel.strip()
+
+
+def _text(value: Any, reason: str = "empty_text") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BadRecord(reason, f"text {value!r}")
+    return value.strip()
+
+
+class LlavaJsonSource(SourceDataset):
+    """LLaVA-style conversations: a JSON list (or JSONL) of ``{"image": rel_path?, "conversations": [...]}``.
+
+    Turns are ``{"from": "human"|"gpt", "value": ...}`` (or ``{"role": "user"|"assistant", "content": ...}``);
+    system turns are dropped. A record without "image" is text-only (image None).
+    """
+
+    def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
+        super().__init__(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        if self.path.suffix == ".jsonl":
+            self.entries = _read_jsonl(self.path)
+        else:
+            try:
+                self.entries = json.loads(self.path.read_bytes())
+            except ValueError as e:
+                raise ValueError(f"{self.path}: not valid JSON ({e})") from e
+            if not isinstance(self.entries, list):
+                raise ValueError(f"{self.path}: expected a JSON list of records, got {type(self.entries).__name__}")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _load(self, i: int) -> ConversationRecord:
+        entry = _row(self.entries, i)
+        if not isinstance(entry, dict):
+            raise BadRecord("bad_record", f"record {i} is a {type(entry).__name__}")
+        conv = entry.get("conversations", entry.get("messages"))
+        if not isinstance(conv, list) or not conv:
+            raise BadRecord("empty_conversation", f"record {i}")
+        turns, has_placeholder = [], False
+        for t in conv:
+            if not isinstance(t, dict):
+                raise BadRecord("bad_record", f"record {i}: turn {t!r}")
+            role, value = t.get("from", t.get("role")), t.get("value", t.get("content"))
+            if role == "system":
+                continue
+            if not isinstance(role, str) or role not in ROLES or not isinstance(value, str):
+                raise BadRecord("bad_record", f"record {i}: turn role {role!r}, value {type(value).__name__}")
+            has_placeholder |= IMAGE_TOKEN in value
+            turns.append((ROLES[role], value.replace(IMAGE_TOKEN, "").strip()))
+        if not any(role == "assistant" and text for role, text in turns):
+            raise BadRecord("empty_conversation", f"record {i}: no assistant answer")
+        image = None
+        if entry.get("image"):
+            image = load_image(_image_path(self.image_root, entry["image"]))
+        elif has_placeholder:
+            raise BadRecord("missing_image", f"record {i}: {IMAGE_TOKEN} in the text but no image")
+        return ConversationRecord(image, turns)
+
+
+class CaptionJsonlSource(SourceDataset):
+    """Image-caption pairs: JSONL lines ``{"image": rel_path, "caption": text}`` ("text" is accepted too)."""
+
+    def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
+        super().__init__(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.rows = _read_jsonl(self.path)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _load(self, i: int) -> CaptionRecord:
+        row = _row(self.rows, i)
+        if not isinstance(row, dict):
+            raise BadRecord("bad_record", f"line record {i} is a {type(row).__name__}")
+        caption = _text(row.get("caption", row.get("text")))
+        return CaptionRecord(load_image(_image_path(self.image_root, row.get("image"))), caption)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset-style brace expansion: ``a-{000..002}.tar`` (zero-padded ranges) and ``{x,y}`` alternatives."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, tail, body = pattern[: m.start()], pattern[m.end() :], m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi, width = int(r.group(1)), int(r.group(2)), len(r.group(1))
+        options = [str(k).zfill(width) for k in range(lo, hi + 1)]
+    else:
+        options = body.split(",")
+    return [p for opt in options for p in expand_braces(head + opt + tail)]
+
+
+def _shard_paths(pattern_or_paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    items = [pattern_or_paths] if isinstance(pattern_or_paths, (str, Path)) else list(pattern_or_paths)
+    paths: list[Path] = []
+    for item in items:
+        if Path(item).is_dir():
+            found = sorted(Path(item).glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"no .tar shards in folder {item}")
+            paths += found
+            continue
+        for p in expand_braces(str(item)):
+            if glob.has_magic(p):
+                matches = sorted(glob.glob(p))
+                if not matches:
+                    raise FileNotFoundError(f"no WebDataset shards match {p}")
+                paths += [Path(m) for m in matches]
+            elif Path(p).is_file():
+                paths.append(Path(p))
+            else:
+                raise FileNotFoundError(f"WebDataset shard not found: {p}")
+    if not paths:
+        raise FileNotFoundError(f"no WebDataset shards in {pattern_or_paths!r}")
+    return paths
+
+
+class WebDatasetSource(SourceDataset):
+    """Image-caption samples in uncompressed WebDataset tar shards, read with the stdlib ``tarfile``.
+
+    Members ``KEY.png|jpg|...`` and ``KEY.txt`` (or ``KEY.json`` with a "caption"/"text" field) form one sample.
+    The shards are indexed once at init (member offsets), so reading a sample is one seek + read.
+    A shard that cannot be read to the end counts as ``bad_shard``; the samples indexed before the damage stay.
+    """
+
+    def __init__(self, pattern_or_paths: str | Path | Sequence[str | Path]) -> None:
+        self.shards = _shard_paths(pattern_or_paths)
+        super().__init__(self.shards[0] if len(self.shards) == 1 else self.shards[0].parent)
+        # per sample: (shard index, key, {ext: (offset, size)})
+        self.samples: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+        for si, shard in enumerate(self.shards):
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with tarfile.open(shard, "r:") as tar:
+                    for m in tar:
+                        if not m.isfile():
+                            continue
+                        folder, _, base = m.name.rpartition("/")
+                        stem, dot, ext = base.partition(".")
+                        if not dot or not stem:
+                            continue
+                        key = f"{folder}/{stem}" if folder else stem
+                        members.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+                    # tarfile stops quietly at a cut between members; a whole archive ends with two zero blocks
+                    if shard.stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                        raise tarfile.ReadError(f"no end-of-archive blocks after byte {tar.offset} (truncated?)")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                self._count_bad("bad_shard", f"{shard}: {type(e).__name__}: {e}")
+            self.samples += [(si, key, exts) for key, exts in members.items()]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read(self, shard: int, where: tuple[int, int], name: str, reason: str = "truncated_member") -> bytes:
+        offset, size = where
+        with open(self.shards[shard], "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise BadRecord(reason, f"{name}: the shard ends {size - len(data)} bytes early")
+        return data
+
+    def _load(self, i: int) -> CaptionRecord:
+        si, key, exts = self.samples[i]
+        name = f"{self.shards[si]}:{key}"
+        cap_ext = next((e for e in CAPTION_EXTS if e in exts), None)
+        if cap_ext is not None:
+            caption = _text(self._read(si, exts[cap_ext], name).decode("utf-8", errors="replace"))
+        elif "json" in exts:
+            try:
+                meta = json.loads(self._read(si, exts["json"], name))
+            except ValueError as e:
+                raise BadRecord("bad_json", f"{name}.json: {e}") from e
+            if not isinstance(meta, dict):
+                raise BadRecord("bad_json", f"{name}.json is a {type(meta).__name__}")
+            caption = _text(meta.get("caption", meta.get("text")))
+        else:
+            raise BadRecord("empty_text", f"{name}: no caption member")
+        img_ext = next((e for e in IMAGE_EXTS if e in exts), None)
+        if img_ext is None:
+            raise BadRecord("missing_file", f"{name}: no image member")
+        data = self._read(si, exts[img_ext], f"{name}.{img_ext}", reason="bad_image")
+        return CaptionRecord(decode_image(data, f"{name}.{img_ext}"), caption)
+
+
+class TextJsonlSource(SourceDataset):
+    """Text-only lines: JSONL ``{"text": ...}`` (a bare JSON string per line is accepted too)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self.rows = _read_jsonl(self.path)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _load(self, i: int) -> TextRecord:
+        row = _row(self.rows, i)
+        if isinstance(row, dict):
+            return TextRecord(_text(row.get("text")))
+        if isinstance(row, str):
+            return TextRecord(_text(row))
+        raise BadRecord("bad_record", f"line record {i} is a {type(row).__name__}")
+
+
+FORMATS = ("llava_json", "caption_jsonl", "webdataset", "text_jsonl")
+
+
+def open_source(path: str | Path, format: str, image_root: str | Path | None = None) -> SourceDataset:
+    """The reader for ``format`` over ``path``; image paths in JSON files are relative to ``image_root``
+    (default: the JSON file's folder). For "webdataset", ``path`` is a shard, a folder of shards, a glob or a
+    brace pattern (``data-{00000..00009}.tar``)."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r} for {path}; expected one of {FORMATS}")
+    if format == "webdataset":
+        return WebDatasetSource(str(path))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{format} data file not found: {path}")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise FileNotFoundError(f"image_root for {path} is not a folder: {image_root}")
+    if format == "llava_json":
+        return LlavaJsonSource(path, image_root)
+    if format == "caption_jsonl":
+        return CaptionJsonlSource(path, image_root)
+    return TextJsonlSource(path)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """uint8 HWC RGB -> float32 CHW in [0, 1]."""
+    return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+
+
+def gen_transform(img: Image.Image, size: int, rng: random.Random | None) -> torch.Tensor:
+    """Generation input (the paper's): resize the short side to ``size`` (bicubic), random square crop
+    (a centre crop when ``rng`` is None, e.g. for the latent cache); [-1, 1]."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    if rng is None:
+        x0, y0 = (nw - size) // 2, (nh - size) // 2
+    else:
+        x0, y0 = rng.randint(0, nw - size), rng.randint(0, nh - size)
+    return _to_tensor(img.crop((x0, y0, x0 + size, y0 + size))).mul_(2.0).sub_(1.0)
+
+
+def und_transform(
+    img: Image.Image, size: int, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
+) -> torch.Tensor:
+    """Understanding input, as the official VLMImageProcessor: resize the long side to ``size`` keeping the aspect
+    (bicubic), pad to a square centred on the background colour ``int(mean * 255)``, rescale, normalise."""
+    w, h = img.size
+    long = max(w, h)
+    min_size = min(UND_MIN_SIZE, size)
+    nw, nh = max(int(w / long * size), min_size), max(int(h / long * size), min_size)
+    img = img.convert("RGB").resize((nw, nh), Image.Resampling.BICUBIC)
+    if nw != nh:
+        side = max(nw, nh)
+        square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+        square.paste(img, ((side - nw) // 2, (side - nh) // 2))
+        img = square
+    x = _to_tensor(img)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s

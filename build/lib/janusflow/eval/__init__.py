@@ -1,0 +1,1 @@
+"""Evaluation: GenEval-style scoring of generated shapes images and other metrics."""

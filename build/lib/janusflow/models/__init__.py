@@ -1,0 +1,1 @@
+"""Model components of JanusFlow."""

@@ -1,0 +1,204 @@
+"""Sampling: text-to-image by solving the rectified-flow ODE with CFG, and text answers for images.
+
+Official procedure (demo/app_janusflow.py): the prompt ends with the begin-of-image tag, which is
+dropped and replaced by the t_emb token; conditional and unconditional rows run in one batch (the
+unconditional rows keep BOS, their prompt is pad tokens and masked); v = w * v_c - (w - 1) * v_u;
+Euler from t = 0 (noise) with t_k = k / N, the model seeing t_k * 1000.
+
+``solver="sde"`` integrates instead the stochastic differential equation that has the same marginals
+as the ODE (Euler-Maruyama, ``sde_noise`` = eta): fresh noise each step lets an imperfect model correct
+errors of earlier steps that the deterministic ODE carries to the end (see ``euler_maruyama``).
+
+The official loop recomputes the whole sequence every step. The prompt prefix does not depend on
+t or z under a causal mask, so ``sample_latents`` computes it once and reuses its KV cache, giving
+the same result; ``sample_latents_reference`` keeps the full recompute for tests and benchmarks.
+
+    latents = sample_latents(model, input_ids, noise, steps=30, cfg_weight=2.0, pad_id=tok.pad_id)
+    images = codec.decode(latents)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import get_args
+
+import torch
+from transformers import DynamicCache
+
+from janusflow.config import Solver
+from janusflow.flow import euler_times
+from janusflow.models.llm import CACHE_KWARG
+
+SOLVERS = get_args(Solver)
+_TORCHDIFFEQ_NAMES = {"heun": "heun2", "midpoint": "midpoint", "rk4": "rk4", "dopri5": "dopri5", "euler": "euler"}
+
+
+def cfg_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [B, L] (left-padded, each ending with the begin-of-image tag) ->
+    prefix embeddings [2B, L-1, hidden] and mask [2B, L-1]: rows [0, B) conditional, [B, 2B) unconditional.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+    bos_pos = mask.int().argmax(dim=1)  # first visible token (BOS) of each left-padded row
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    uncond_ids = torch.full_like(ids, pad_id)
+    uncond_ids[rows, bos_pos] = ids[rows, bos_pos]
+    uncond_mask = torch.zeros_like(mask)
+    uncond_mask[rows, bos_pos] = 1
+    all_ids = torch.cat([ids, uncond_ids])
+    return model.embed_tokens(all_ids), torch.cat([mask, uncond_mask]).long()
+
+
+def guide(v: torch.Tensor, cfg_weight: float) -> torch.Tensor:
+    """[2B, ...] (cond; uncond) -> w * v_c - (w - 1) * v_u."""
+    v_c, v_u = v.chunk(2)
+    return cfg_weight * v_c - (cfg_weight - 1.0) * v_u
+
+
+class CachedVelocity:
+    """v(z, t) with CFG, reusing the prompt prefix's KV cache across calls."""
+
+    def __init__(self, model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, cfg_weight: float):
+        self.model, self.cfg_weight, self.prefix_mask = model, cfg_weight, prefix_mask
+        self.cache = DynamicCache()
+        model.language_model.model(inputs_embeds=prefix_embeds, attention_mask=prefix_mask,
+                                   use_cache=True, **{CACHE_KWARG: self.cache})
+        self.prefix_len = prefix_embeds.shape[1]
+        self.nfe = 0
+
+    def __call__(self, t: float | torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        gen = self.model.gen_inputs(torch.cat([z, z]), torch.as_tensor(t, dtype=torch.float32, device=z.device))
+        embeds = torch.cat([gen.t_emb.unsqueeze(1), gen.tokens], dim=1).to(self.model.dtype_for_llm)
+        n = gen.tokens.shape[1]
+        mask = torch.cat([self.prefix_mask, self.prefix_mask.new_ones(self.prefix_mask.shape[0], 1 + n)], dim=1)
+        out = self.model.language_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
+                                              **{CACHE_KWARG: self.cache})
+        self.cache.crop(-(1 + n))  # drop this step's t/z entries, keep the prompt's
+        return guide(self.model.velocity_from_hidden(out.last_hidden_state[:, -n:], gen), self.cfg_weight)
+
+
+class RecomputeVelocity:
+    """v(z, t) with CFG recomputing the whole sequence every call (the official demo's behaviour)."""
+
+    def __init__(self, model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, cfg_weight: float):
+        self.model, self.cfg_weight = model, cfg_weight
+        self.prefix_embeds, self.prefix_mask = prefix_embeds, prefix_mask
+        self.nfe = 0
+
+    def __call__(self, t: float | torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        t = torch.as_tensor(t, dtype=torch.float32, device=z.device)
+        v, _ = self.model.forward_gen(self.prefix_embeds, self.prefix_mask, torch.cat([z, z]), t)
+        return guide(v, self.cfg_weight)
+
+
+def solve(velocity: Callable, noise: torch.Tensor, steps: int, solver: str = "euler",
+          rtol: float = 1e-4, atol: float = 1e-4, progress: Callable | None = None, sde_noise: float = 1.0,
+          step_noise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """Integrate dz/dt = velocity(t, z) from t = 0 (noise) to t = 1.
+
+    Euler is the official fixed-step loop (t_k = k / N); the others run through torchdiffeq
+    (fixed-step ones with step 1 / N, dopri5 adaptive with rtol / atol), except ``sde``
+    (``euler_maruyama`` with eta = ``sde_noise`` and the increments ``step_noise(k)``).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
+    if solver in ("euler", "sde"):
+        eta = sde_noise if solver == "sde" else 0.0
+        return euler_maruyama(velocity, noise, steps, eta, step_noise, progress)
+    from torchdiffeq import odeint
+
+    # torchdiffeq's step-size control underflows in half precision: integrate a float32 state.
+    dtype = noise.dtype
+    options = {} if solver == "dopri5" else {"step_size": 1.0 / steps}
+    ts = torch.tensor([0.0, 1.0], device=noise.device)
+    z = odeint(lambda t, z: velocity(t, z.to(dtype)).float(), noise.float(), ts, method=_TORCHDIFFEQ_NAMES[solver],
+               rtol=rtol, atol=atol, options=options)[-1]
+    return z.to(dtype)
+
+
+def euler_maruyama(velocity: Callable, noise: torch.Tensor, steps: int, eta: float = 0.0,
+                   step_noise: Callable[[int], torch.Tensor] | None = None,
+                   progress: Callable | None = None) -> torch.Tensor:
+    """Fixed steps t_k = k / N of the SDE with the marginals of the rectified-flow ODE; eta = 0 is the ODE (Euler).
+
+        dz = [v - (w / 2) * x0_hat / (1 - t)] dt + sqrt(w) dW,   w(t) = eta * (1 - t)
+
+    x0_hat = z - t * v is the predicted noise, so -x0_hat / (1 - t) is the score of p_t: the added
+    drift and the Brownian term cancel in the marginals (any w), while the noise keeps pulling the path
+    back towards where the model was trained. The diffusion w vanishes at the data end, and the last
+    step is deterministic. ``step_noise(k)`` gives the standard normal increment of step k (shape of
+    ``noise``; default: the global torch RNG).
+    """
+    if eta < 0:
+        raise ValueError(f"the SDE noise scale eta must be >= 0, got {eta}")
+    z, dt = noise, 1.0 / steps
+    for k, t in enumerate(euler_times(steps)):
+        v = velocity(t, z)
+        if eta > 0 and k < steps - 1:
+            w = eta * (1.0 - t)
+            dw = step_noise(k) if step_noise is not None else torch.randn_like(z)
+            z = z + dt * (v - 0.5 * eta * (z - t * v)) + (w * dt) ** 0.5 * dw.to(z)
+        else:
+            z = z + dt * v
+        if progress:
+            progress(k + 1, steps)
+    return z
+
+
+@torch.no_grad()
+def sample_latents(model, input_ids: torch.Tensor, noise: torch.Tensor, *, steps: int = 30,
+                   cfg_weight: float = 2.0, pad_id: int, attention_mask: torch.Tensor | None = None,
+                   solver: str = "euler", use_cache: bool = True, progress: Callable | None = None,
+                   rtol: float = 1e-4, atol: float = 1e-4, return_nfe: bool = False, sde_noise: float = 1.0,
+                   step_noise: Callable[[int], torch.Tensor] | None = None):
+    """Text-to-image latents (t = 1) from noise [B, C, H, W] and prompts input_ids [B, L].
+
+    input_ids are left-padded (attention_mask marks real tokens) and end with the begin-of-image tag.
+    ``sde_noise`` / ``step_noise``: eta and the Brownian increments of ``solver="sde"`` (see ``euler_maruyama``).
+    """
+    if input_ids.shape[0] != noise.shape[0]:
+        raise ValueError(f"{input_ids.shape[0]} prompts but {noise.shape[0]} noise samples")
+    model.vision_gen_enc_model.check_input(noise)
+    max_len = model.config.llm.max_position_embeddings
+    n_tokens = model.num_gen_tokens(noise.shape[-2:])
+    if input_ids.shape[1] + n_tokens > max_len:
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens + {n_tokens} image tokens exceeds the "
+                         f"context of {max_len} tokens")
+    prefix, mask = cfg_prefix(model, input_ids, attention_mask, pad_id)
+    prefix = prefix.to(model.dtype_for_llm)
+    velocity = (CachedVelocity if use_cache else RecomputeVelocity)(model, prefix, mask, cfg_weight)
+    z = solve(velocity, noise.to(model.dtype_for_llm), steps, solver, rtol, atol, progress, sde_noise, step_noise)
+    return (z, velocity.nfe) if return_nfe else z
+
+
+def sample_latents_reference(model, input_ids: torch.Tensor, noise: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The official full-recompute procedure (no KV cache)."""
+    return sample_latents(model, input_ids, noise, use_cache=False, **kwargs)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], rounded (as the official README's
+    save_image; the official demo truncates instead)."""
+    x = images.float().clamp(-1, 1).permute(0, 2, 3, 1)
+    return ((x + 1) / 2 * 255).round().to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def generate_text(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, eos_id: int,
+                  pad_id: int, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                  streamer=None, generator_seed: int | None = None) -> torch.Tensor:
+    """Autoregressive answer tokens [B, <= max_new_tokens] from prepared (image + text) embeddings.
+
+    temperature 0 is greedy; otherwise sampling with temperature and nucleus top_p.
+    """
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    sampling = temperature > 0
+    return model.language_model.generate(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+        do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+        top_k=None, eos_token_id=eos_id, pad_token_id=pad_id, streamer=streamer, use_cache=True)

@@ -1,0 +1,1 @@
+"""Training: freeze policies, the DeepSpeed loop, checkpoints, logging and cached prep steps."""
