@@ -1,1 +1,0 @@
-"""Data: the procedural shapes world and readers of real dataset formats."""

@@ -1,1 +1,0 @@
-"""Evaluation: GenEval-style scoring of generated shapes images and other metrics."""

@@ -1,1 +1,0 @@
-"""Model components of JanusFlow."""

@@ -1,1 +1,0 @@
-"""Training: freeze policies, the DeepSpeed loop, checkpoints, logging and cached prep steps."""
