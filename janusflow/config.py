@@ -118,7 +118,7 @@ class ModelConfig:
 class CodecConfig:
     """The latent codec (diffusers AutoencoderKL). t=1 latents are ``encode(x) * scaling_factor``."""
 
-    preset: Literal["sdxl", "tiny", "shapes"] = "sdxl"
+    preset: Literal["sdxl", "tiny", "shapes", "shapes32"] = "sdxl"
     path: str | None = None
     """Local directory of a pretrained AutoencoderKL (e.g. a copy of stabilityai/sdxl-vae)."""
     scaling_factor: float | None = None
