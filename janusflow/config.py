@@ -279,6 +279,7 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto = bfloat16 on GPU, float32 on CPU."""
     zero_stage: int = 2
+    """ZeRO stage for several ranks (or offloading, or bf16); one fp32 rank runs DeepSpeed's plain engine."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON whose values are merged under ours (recipes/deepspeed/zero*.json)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -304,6 +304,21 @@ def _torchrun(tmp_path: Path, run: str, overrides, stop_after: int, resume: str 
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_one_fp32_rank_runs_without_zero_unless_it_offloads(tmp_path):
+    """ZeRO partitions nothing on one rank: stage 0 then, the recipe's stage with offloading or bf16."""
+    from janusflow.train.trainer import Trainer
+
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    plain = Trainer(load_recipe("tiny", [f"run_dir={tmp_path / 'a'}", "train.zero_stage=2"]))
+    assert plain.zero_stage == 0 and plain._ds_config(plain.recipe.stages[0])["zero_optimization"]["stage"] == 0
+    kept = Trainer(load_recipe("tiny", [f"run_dir={tmp_path / 'b'}", "train.zero_stage=2",
+                                        f"train.deepspeed_config={offload}"]))
+    assert kept.zero_stage == 2
+    assert Trainer(load_recipe("tiny", [f"run_dir={tmp_path / 'c'}", "train.zero_stage=3",
+                                        "train.dtype=bfloat16"])).zero_stage == 3
+
+
 @pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_ranks(tmp_path, cache, first, second):
     """ZeRO shards do not reload on another world size: a clear error, or --resume weights continues."""
@@ -318,7 +333,7 @@ def test_resume_on_another_number_of_ranks(tmp_path, cache, first, second):
     else:
         _torchrun(tmp_path, "run", common, 2)
         recipe = load_recipe("tiny", [f"run_dir={run}", *common])
-        with pytest.raises(RuntimeError, match="written by 2 ranks and this run has 1"):
+        with pytest.raises(RuntimeError, match=r"written by 2 ranks \(ZeRO stage 2\) and this run has 1 \(stage 0\)"):
             Trainer(recipe, resume="auto", stop_after_steps=2).run()
         run_tiny(run, common, stop_after=2, resume="weights")
     ref = losses(read_metrics(tmp_path / "ref"), "adaptation")
