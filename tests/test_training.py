@@ -206,7 +206,7 @@ def test_tiny_recipe_runs_all_stages_and_exports(tmp_path, cache):
     run_tiny(run)
     rows = read_metrics(run)
     assert {r["stage"] for r in rows} == {"adaptation", "pretrain", "sft"}
-    assert all("loss_rf" in r and "loss_und" in r for r in rows)
+    assert all("loss_rf" in r and "loss_und" in r and r["grad_norm"] > 0 for r in rows)
     export = run / "export"
     for f in ("config.json", "model.safetensors", "processor_config.json", "janusflow_tokenizer.json",
               "vae/config.json"):
@@ -285,6 +285,17 @@ def test_consecutive_non_finite_losses_stop_with_a_checkpoint(tmp_path, cache, m
         run_tiny(tmp_path / "r", ["train.max_bad_steps=2", "stages.0.max_steps=5"])
     ckpt = tmp_path / "r" / "stages" / "1-adaptation" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step-000002"
+
+
+def test_non_finite_gradient_stops_the_run(tmp_path, cache, monkeypatch):
+    """A finite loss whose gradient is NaN (sqrt'(0) * 0): caught from the gradient norm, on one rank (stage 0)."""
+    import janusflow.train.trainer as trainer
+    from janusflow.train.trainer import NonFiniteError
+
+    real = trainer.rf_loss
+    monkeypatch.setattr(trainer, "rf_loss", lambda v, t: real(v, t) + 0.0 * (v - v.detach()).abs().sqrt().sum())
+    with pytest.raises(NonFiniteError, match="gradient norm is nan"):
+        run_tiny(tmp_path / "r", ["stages.0.max_steps=3"])
 
 
 def test_unwritable_run_dir_fails_before_training(tmp_path, cache):

@@ -538,7 +538,7 @@ class Trainer:
                                  num_workers=r.data.num_workers, pin_memory=self.device.type == "cuda")
         for step in range(start, stage.max_steps):
             t0 = time.time()
-            sums, skipped = self._optimizer_step(engine, next(batches), step)
+            sums, skipped, grad_norm = self._optimizer_step(engine, next(batches), step)
             done = step + 1
             if skipped:
                 self.skipped_steps += 1
@@ -554,6 +554,8 @@ class Trainer:
                 ema.update(engine.module.model, trainable)
             metrics = self._reduce_metrics(sums)
             metrics.update(step_time=time.time() - t0, lr=scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps)
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
             if done % r.logging.log_every == 0 or done == stage.max_steps:
                 metrics.update({f"data/{k}": v for k, v in (stream.stats | stream.builder.stats).items()})
                 self.logger.log(stage.name, done, self.global_step_offset(index) + done, metrics)
@@ -602,8 +604,10 @@ class Trainer:
             f"and ZeRO stage. Resume with {world} ranks, or pass --resume weights to continue from its weights, "
             f"EMA and data position with a fresh optimizer state.")
 
-    def _optimizer_step(self, engine, micros: list[Batch], step: int) -> tuple[dict[str, list[float]], bool]:
-        """Forward/backward every micro-batch of this rank, then the optimizer step.
+    def _optimizer_step(self, engine, micros: list[Batch], step: int
+                        ) -> tuple[dict[str, list[float]], bool, float | None]:
+        """Forward/backward every micro-batch of this rank, then the optimizer step; returns the losses, whether
+        the step was skipped and the gradient norm before clipping.
 
         A non-finite loss on any rank skips the whole step: that micro-batch's backward is replaced by
         an all-placeholder one (zero gradients, the same graph on every rank) and the learning rate is
@@ -624,15 +628,20 @@ class Trainer:
                 for group in engine.optimizer.param_groups:
                     group["lr"] = 0.0  # the LR scheduler sets it again after this step
             engine.backward(losses["loss"])
+            if i == len(micros) - 1 and self.zero_stage == 0:
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                own_norm = torch.nn.utils.get_total_norm(grads)
             engine.step()
             if not bad:
                 for k, v in losses.items():
                     sums.setdefault(k, []).append(float(v.detach()))
         norm = engine.get_global_grad_norm()
+        if norm is None and self.zero_stage == 0:  # DeepSpeed's fp32 stage 0 clips without keeping the norm
+            norm = own_norm
         if norm is not None and not math.isfinite(float(norm)):
             raise NonFiniteError(f"step {step + 1}: the gradient norm is {norm}; the weights are no longer valid, "
                                  f"so nothing was saved. Resume from the last checkpoint with a lower learning rate.")
-        return sums, bad
+        return sums, bad, None if norm is None else float(norm)
 
     def repa_cache(self, model: JanusFlow):
         """REPA's targets for every gen image, cached when SigLIP is frozen this stage (else None: computed live).
