@@ -11,9 +11,11 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 .PHONY: setup pretrain test lint compare-repa ablations clean-runs
 
 setup:
-	@bash scripts/setup_env.sh $(VENV)
+	@bash scripts/setup_env.sh $(VENV) dev
 
-pretrain: setup
+# Training needs no test/lint/demo packages (the dev extras): a fresh `make pretrain` skips them.
+pretrain:
+	@bash scripts/setup_env.sh $(VENV) none
 	$(PY) tools/train.py --recipe $(RECIPE) $(ARGS)
 
 # pytest exits 5 when it collects no tests: not a failure.

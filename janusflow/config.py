@@ -209,6 +209,9 @@ class StageConfig:
     max_steps: int = 10000
     lr: float = 1e-4
     warmup_steps: int = 2000
+    decay_steps: int = 0
+    """Linear LR decay to 0 over the stage's last decay_steps steps (warm-up, constant, decay: "WSD").
+    0 = constant after warm-up, as in the paper."""
     batch_size: int = 512
     """Global batch (samples per optimizer step)."""
     micro_batch_size: int = 8
@@ -248,6 +251,10 @@ class PrepConfig:
     siglip_batch_size: int = 64
     tokenizer_vocab_size: int = 0
     """Train a byte-level BPE tokenizer of this size on the shapes world's text and use it (0 = use ``tokenizer``)."""
+    llm_steps: int = 0
+    """Pretrain the LLM (next-token loss) on the shapes world's text for this many steps and start stage 1 from it,
+    as JanusFlow starts from a pretrained LLM (0 = start from ``llm_path``, or random weights)."""
+    llm_batch_size: int = 64
 
 
 Solver = Literal["euler", "heun", "midpoint", "rk4", "dopri5", "sde"]
@@ -433,6 +440,7 @@ _POSITIVE = {
     DataConfig: ("max_seq_len", "max_text_len"),
     TrainConfig: ("save_every", "keep_checkpoints", "max_bad_steps"),
     LoggingConfig: ("log_every", "sample_steps"),
+    PrepConfig: ("codec_batch_size", "siglip_batch_size", "llm_batch_size"),
 }
 
 
@@ -459,6 +467,8 @@ def _validate(obj: Any, prefix: str) -> None:
             bad("batch_size", "batch sizes must be >= 1")
         if not 0 < obj.lr < math.inf:
             bad("lr", f"must be a number > 0, got {obj.lr}")
+        if not 0 <= obj.decay_steps <= obj.max_steps:
+            bad("decay_steps", f"must be in [0, max_steps={obj.max_steps}], got {obj.decay_steps}")
         if not obj.mixture:
             bad("mixture", "needs at least one phase")
         for i, ph in enumerate(obj.mixture):
@@ -491,6 +501,12 @@ def _validate(obj: Any, prefix: str) -> None:
             bad("prep.tokenizer_vocab_size", f"a byte-level BPE needs >= 263 tokens (bytes + specials), got {bpe}")
         if bpe > obj.model.llm.vocab_size:
             bad("prep.tokenizer_vocab_size", f"{bpe} is larger than model.llm.vocab_size={obj.model.llm.vocab_size}")
+        if obj.prep.llm_steps < 0:
+            bad("prep.llm_steps", f"must be >= 0, got {obj.prep.llm_steps}")
+        if obj.prep.llm_steps and not obj.data.shapes.enabled:
+            bad("prep.llm_steps", "trains on the shapes world's text: it needs data.shapes.enabled")
+        if obj.prep.llm_steps and obj.llm_path:
+            bad("prep.llm_steps", f"pretrains the LLM, but llm_path={obj.llm_path!r} gives one already: set one")
         try:
             obj.run_dir.format(name=obj.name)
         except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:

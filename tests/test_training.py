@@ -198,6 +198,36 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert reasons == {k: src.stats[k] for k in reasons} and sum(reasons.values()) == stream.stats["gen_skipped"]
 
 
+# ----------------------------------------------------------------------------- the pretrained LLM of the prep
+
+
+def test_prep_llm_learns_the_text_and_stage_1_starts_from_it(tmp_path, cache):
+    from transformers import LlamaForCausalLM
+
+    from janusflow.train import prep
+    from janusflow.train.trainer import Trainer
+
+    recipe = load_recipe("tiny", [f"run_dir={tmp_path / 'run'}"])
+    texts = [[1, 5 + i % 3, 9, 5 + i % 3, 2] for i in range(30)]  # a repeating pattern, learnable
+    _, curve = prep.train_llm(texts, recipe.model.llm, pad_id=0, steps=60, batch_size=8, lr=1e-2)
+    assert sum(curve[-5:]) / 5 < curve[0] / 3
+
+    recipe = load_recipe("tiny", [f"run_dir={tmp_path / 'run'}", "prep.llm_steps=3", "prep.llm_batch_size=4"])
+    trainer = Trainer(recipe, resume="none")
+    trainer.setup()
+    saved = LlamaForCausalLM.from_pretrained(trainer.prep["llm_path"]).state_dict()
+    assert json.loads((Path(trainer.prep["llm_path"]) / "prep.json").read_text())["last_loss"] > 0
+    model, _ = trainer.build_model(0, recipe.stages[0])
+    start = model.language_model.state_dict()
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
+    # Without the step, stage 1 starts from the seed's random LLM instead.
+    plain = Trainer(load_recipe("tiny", [f"run_dir={tmp_path / 'run2'}"]), resume="none")
+    plain.setup()
+    assert plain.prep["llm_path"] is None
+    other = plain.build_model(0, recipe.stages[0])[0].language_model.state_dict()
+    assert not torch.equal(other["model.embed_tokens.weight"], saved["model.embed_tokens.weight"])
+
+
 # ----------------------------------------------------------------------------- full runs
 
 
@@ -222,7 +252,8 @@ def test_tiny_recipe_runs_all_stages_and_exports(tmp_path, cache):
 
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, cache):
-    common = ["stages.0.max_steps=5", "train.save_every=100"]
+    # With an LR decay over the last 3 steps, so the resumed scheduler must pick up where it stopped.
+    common = ["stages.0.max_steps=5", "stages.0.decay_steps=3", "train.save_every=100"]
     run_tiny(tmp_path / "a", common, stop_after=5)
     run_tiny(tmp_path / "b", common, stop_after=3)
     assert max(losses(read_metrics(tmp_path / "b"), "adaptation")) == 3
@@ -230,6 +261,10 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, cache):
     a, b = losses(read_metrics(tmp_path / "a"), "adaptation"), losses(read_metrics(tmp_path / "b"), "adaptation")
     assert sorted(b) == [1, 2, 3, 4, 5]
     assert a == b  # bit-identical loss sequence
+    lr = load_recipe("tiny").stages[0].lr
+    for run in ("a", "b"):
+        logged = [r["lr"] for r in read_metrics(tmp_path / run) if r["stage"] == "adaptation"]
+        assert logged == pytest.approx([lr, lr, lr, lr * 2 / 3, lr / 3])  # warm-up 1, constant, decay
 
 
 def test_two_ranks_zero2_match_one_rank(tmp_path, cache):

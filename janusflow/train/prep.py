@@ -7,7 +7,10 @@
    features carry meaning (REPA aligns with them; random features would make REPA meaningless);
    its text tower is kept beside it for the SigLIP image-text score of the evaluation;
 4. optionally, a byte-level BPE tokenizer trained on its text (shorter sequences than raw bytes);
-5. the latents of every generation image, encoded once (the latent cache).
+5. optionally, the LLM pretrained with the next-token loss on its text (captions and the text corpus), the
+   stand-in for the pretrained DeepSeek-LLM that JanusFlow starts from: the prompts of stage 1 then already
+   mean something to the frozen LLM;
+6. the latents of every generation image, encoded once (the latent cache).
 
 Each artefact lives in a cache folder named by a hash of everything it depends on; it is written
 to a temporary name and renamed when complete, so an interrupted prep is simply redone.
@@ -28,15 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from janusflow.config import CodecConfig, Recipe, UndEncoderConfig, to_dict
+from janusflow.config import CodecConfig, LLMConfig, Recipe, UndEncoderConfig, to_dict
 from janusflow.models.codec import LatentCodec
+from janusflow.models.llm import build_llm
 from janusflow.models.siglip_text import TEXT_TOWER_FILE, ByteTextTower, save_text_tower, tokenize_captions
 from janusflow.models.und_encoder import SigLIPTower
+from janusflow.tokenizer import Tokenizer, check_vocab, load_tokenizer
 
 # Part of the SigLIP artefact's cache key: bump it when the folder's contents change, so old ones are rebuilt.
 # 2: the text tower and the vision config are kept too (text_tower.pt, prep.json "und_encoder").
 SIGLIP_FORMAT = 2
 TOKENIZER_FORMAT = 1
+LLM_FORMAT = 1
 
 
 def config_hash(*parts) -> str:
@@ -147,6 +153,46 @@ def save_siglip(path: Path, tower: SigLIPTower, text_side: tuple[ByteTextTower, 
                                                 "und_encoder": to_dict(und)}))
 
 
+# ----------------------------------------------------------------------------- LLM
+
+
+def train_llm(texts: list[list[int]], cfg: LLMConfig, pad_id: int, steps: int, batch_size: int, seed: int = 0,
+              lr: float = 2e-3):
+    """Next-token pretraining of a fresh LLM on token sequences; returns it (a LlamaForCausalLM) and the losses."""
+    torch.manual_seed(seed)
+    llm = build_llm(cfg).train()
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = _progress(steps, "prep: pretraining the LLM")
+    for _ in range(steps):
+        rows = [texts[i] for i in torch.randint(len(texts), (batch_size,), generator=g).tolist()]
+        ids = torch.full((batch_size, max(map(len, rows))), pad_id)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+        mask = torch.arange(ids.shape[1])[None] < torch.tensor([len(r) for r in rows])[:, None]
+        loss = llm(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return llm.eval(), losses
+
+
+def lm_corpus(data_dir: Path) -> list[str]:
+    """The shapes world's plain text: every training caption and the text corpus."""
+    texts = [json.loads(line)["caption"] for line in (data_dir / "gen_train.jsonl").read_text().splitlines()
+             if line.strip()]
+    return texts + [json.loads(line)["text"] for line in (data_dir / "text_train.jsonl").read_text().splitlines()
+                    if line.strip()]
+
+
 # ----------------------------------------------------------------------------- orchestration
 
 
@@ -154,14 +200,15 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
     """Run the recipe's prep steps (each cached); return paths for the trainer.
 
     Returns a dict with ``data_dir`` (shapes world or None), ``codec_path`` (a trained codec dir
-    or None), ``und_encoder_path`` (SigLIP weights or None) and ``siglip_dir`` (the pretrained SigLIP's
-    folder, both towers, for janusflow.eval.siglip_score; None unless the prep trained it).
+    or None), ``und_encoder_path`` (SigLIP weights or None), ``siglip_dir`` (the pretrained SigLIP's
+    folder, both towers, for janusflow.eval.siglip_score; None unless the prep trained it),
+    ``tokenizer_path`` (the trained BPE or None) and ``llm_path`` (an HF LLM directory or None).
     """
     from janusflow.data.shapes import write_shapes_dataset
 
     root = cache_root(recipe)
     out: dict = {"data_dir": None, "codec_path": recipe.codec.path, "und_encoder_path": recipe.und_encoder_path,
-                 "siglip_dir": None, "tokenizer_path": None}
+                 "siglip_dir": None, "tokenizer_path": None, "llm_path": recipe.llm_path}
     shapes = recipe.data.shapes
     if shapes.enabled:
         key = config_hash(to_dict(shapes))
@@ -171,6 +218,8 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
         log(f"prep: shapes world in {out['data_dir']}")
     if recipe.prep.tokenizer_vocab_size:
         out["tokenizer_path"] = str(prepare_tokenizer(Path(out["data_dir"]), recipe, root, log))
+    if recipe.prep.llm_steps > 0:
+        out["llm_path"] = str(prepare_llm(Path(out["data_dir"]), recipe, out["tokenizer_path"], root, log))
     needs_images = recipe.prep.codec_steps > 0 or recipe.prep.siglip_steps > 0
     if not needs_images:
         return out
@@ -230,6 +279,33 @@ def prepare_tokenizer(data_dir: Path, recipe: Recipe, root: Path, log: Callable[
         log(f"prep: BPE tokenizer trained, {tok.vocab_size} tokens")
 
     return build_once(root / f"tokenizer-{key}", build)
+
+
+def run_tokenizer(recipe: Recipe, prep_tokenizer_path: str | None) -> Tokenizer:
+    """The tokenizer a run uses: the prep's BPE when it trained one, else the recipe's ``tokenizer``."""
+    path, kind = (prep_tokenizer_path, "hf") if prep_tokenizer_path else (recipe.tokenizer.path, recipe.tokenizer.kind)
+    tok = load_tokenizer(path, kind, recipe.model.llm.vocab_size)
+    check_vocab(tok, recipe.model.llm.vocab_size, f"({kind}, {path or 'built in'})")
+    return tok
+
+
+def prepare_llm(data_dir: Path, recipe: Recipe, tokenizer_path: str | None, root: Path,
+                log: Callable[[str], None]) -> Path:
+    """The LLM pretrained on the shapes world's text, saved as an HF LlamaForCausalLM directory."""
+    steps, batch_size = recipe.prep.llm_steps, recipe.prep.llm_batch_size
+    tok_id = Path(tokenizer_path).name if tokenizer_path else to_dict(recipe.tokenizer)
+    key = config_hash(to_dict(recipe.data.shapes), to_dict(recipe.model.llm), tok_id, steps, batch_size, LLM_FORMAT)
+
+    def build(tmp: Path) -> None:
+        tok = run_tokenizer(recipe, tokenizer_path)
+        texts = [tok.encode(t) + [tok.eos_id] for t in lm_corpus(data_dir)]
+        llm, losses = train_llm(texts, recipe.model.llm, tok.pad_id, steps, batch_size)
+        llm.save_pretrained(tmp)
+        first, last = losses[0], sum(losses[-20:]) / len(losses[-20:])
+        (tmp / "prep.json").write_text(json.dumps({"first_loss": first, "last_loss": last}))
+        log(f"prep: LLM pretrained on {len(texts)} texts, next-token loss {first:.3f} -> {last:.3f}")
+
+    return build_once(root / f"llm-{key}", build)
 
 
 def _load_train_images(data_dir: Path, size: int) -> tuple[torch.Tensor, list[str]]:

@@ -37,7 +37,7 @@ from janusflow.models.codec import LatentCodec
 from janusflow.models.janusflow import JanusFlow
 from janusflow.models.repa import build_projector, match_grid, repa_loss
 from janusflow.models.und_inputs import num_und_tokens, und_encoder_inputs, uses_vae
-from janusflow.tokenizer import check_vocab, gen_prompt, load_tokenizer
+from janusflow.tokenizer import gen_prompt
 from janusflow.train.checkpoint import (
     CheckpointManager,
     check_disk_space,
@@ -173,6 +173,15 @@ def per_sample_mean(values: torch.Tensor, valid: torch.Tensor, index: torch.Tens
     return sums / counts.clamp(min=1)
 
 
+def lr_factor(stage: StageConfig, step: int) -> float:
+    """The LR multiplier for optimizer step ``step`` (0-based): linear warm-up, constant, then linear decay
+    over the last ``decay_steps`` steps, reaching 1 / decay_steps on the final step."""
+    warmup = min(1.0, (step + 1) / max(stage.warmup_steps, 1))
+    if stage.decay_steps == 0:
+        return warmup
+    return min(warmup, (stage.max_steps - step) / stage.decay_steps)
+
+
 def apply_speed_options(model: JanusFlow, activation_checkpointing: bool, compile: bool) -> None:
     """Training-only switches that leave the maths unchanged (in place; the state-dict keys stay the same).
 
@@ -302,7 +311,7 @@ class Trainer:
 
     def setup(self) -> None:
         from janusflow.data.latent_cache import build_latent_cache
-        from janusflow.train.prep import cache_root, config_hash, prepare
+        from janusflow.train.prep import cache_root, config_hash, prepare, run_tokenizer
 
         r = self.recipe
         self._check_paths()
@@ -312,11 +321,7 @@ class Trainer:
         _barrier()
         if self.rank != 0:
             self.prep = prepare(r, lambda *_: None)  # every artefact exists now: just reads the paths
-        tok_path, tok_kind = r.tokenizer.path, r.tokenizer.kind
-        if self.prep["tokenizer_path"]:
-            tok_path, tok_kind = self.prep["tokenizer_path"], "hf"
-        self.tokenizer = load_tokenizer(tok_path, tok_kind, r.model.llm.vocab_size)
-        check_vocab(self.tokenizer, r.model.llm.vocab_size, f"({tok_kind}, {tok_path or 'built in'})")
+        self.tokenizer = run_tokenizer(r, self.prep["tokenizer_path"])
         codec_cfg = dataclasses.replace(r.codec, path=self.prep["codec_path"])
         torch.manual_seed(r.train.seed)  # an untrained codec (tests) must be the same on every rank
         self.codec = LatentCodec.from_config(codec_cfg).to(self.device)
@@ -401,11 +406,12 @@ class Trainer:
             return self._check_start(JanusFlow.from_pretrained(init), init), None
         torch.manual_seed(r.train.seed)
         model = JanusFlow(r.model)
-        if r.llm_path:
+        llm_path = self.prep.get("llm_path")  # the recipe's llm_path, or the prep's pretrained LLM
+        if llm_path:
             from transformers import LlamaForCausalLM
 
-            llm = LlamaForCausalLM.from_pretrained(r.llm_path)
-            _load_part(model.language_model, llm.state_dict(), f"llm_path {r.llm_path}")
+            llm = LlamaForCausalLM.from_pretrained(llm_path)
+            _load_part(model.language_model, llm.state_dict(), f"llm_path {llm_path}")
         if self.prep.get("und_encoder_path"):
             state = torch.load(self.prep["und_encoder_path"], map_location="cpu", weights_only=True)
             _load_part(model.vision_und_enc_model, state, f"und_encoder_path {self.prep['und_encoder_path']}")
@@ -509,8 +515,7 @@ class Trainer:
         # The fused kernel: one pass over each tensor instead of a dozen elementwise ops (~10 ms of a CPU step).
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(r.train.betas),
                                       weight_decay=r.train.weight_decay, fused=self.device.type in ("cpu", "cuda"))
-        warmup = max(stage.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, stage))
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self._ds_config(stage))
         if self.zero_stage == 3:
@@ -542,6 +547,7 @@ class Trainer:
                                  num_workers=r.data.num_workers, pin_memory=self.device.type == "cuda")
         for step in range(start, stage.max_steps):
             t0 = time.time()
+            lr = scheduler.get_last_lr()[0]  # this step's (the scheduler steps inside the engine's step)
             sums, skipped, grad_norm = self._optimizer_step(engine, next(batches), step)
             done = step + 1
             if skipped:
@@ -557,7 +563,7 @@ class Trainer:
                 bad_streak = 0
                 ema.update(engine.module.model, trainable)
             metrics = self._reduce_metrics(sums)
-            metrics.update(step_time=time.time() - t0, lr=scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps)
+            metrics.update(step_time=time.time() - t0, lr=lr, skipped_steps=self.skipped_steps)
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             if done % r.logging.log_every == 0 or done == stage.max_steps:
