@@ -69,6 +69,19 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, mininterval=5)
 
 
+def _step(loss: torch.Tensor, params: list, opt, sched, bar, losses: list[float], clip: float | None = None) -> None:
+    """One optimizer step of a prep loop (optionally clipping the gradient norm), recorded and shown on its bar."""
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+    bar.update()
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 # ----------------------------------------------------------------------------- codec
 
 
@@ -132,13 +145,7 @@ def train_siglip(pixels: torch.Tensor, captions: list[str], cfg: UndEncoderConfi
         same = torch.tensor([[captions[a] == captions[b] for b in idx.tolist()] for a in idx.tolist()])
         labels = same.float() * 2 - 1
         loss = -F.logsigmoid(labels * logits).sum() / batch_size
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        _step(loss, params, opt, sched, bar, losses)
     bar.close()
     return tower.eval(), (text.eval(), logit_scale.item(), logit_bias.item()), losses
 
@@ -173,14 +180,7 @@ def train_llm(texts: list[list[int]], cfg: LLMConfig, pad_id: int, steps: int, b
             ids[i, :len(row)] = torch.tensor(row)
         mask = torch.arange(ids.shape[1])[None] < torch.tensor([len(r) for r in rows])[:, None]
         loss = llm(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        _step(loss, list(llm.parameters()), opt, sched, bar, losses, clip=1.0)
     bar.close()
     return llm.eval(), losses
 
