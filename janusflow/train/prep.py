@@ -65,6 +65,11 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
+def _jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file the prep wrote itself (so every line parses; blank lines are skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, mininterval=5)
 
@@ -168,7 +173,8 @@ def train_llm(texts: list[list[int]], cfg: LLMConfig, pad_id: int, steps: int, b
     """Next-token pretraining of a fresh LLM on token sequences; returns it (a LlamaForCausalLM) and the losses."""
     torch.manual_seed(seed)
     llm = build_llm(cfg).train()
-    opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    params = list(llm.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -180,17 +186,15 @@ def train_llm(texts: list[list[int]], cfg: LLMConfig, pad_id: int, steps: int, b
             ids[i, :len(row)] = torch.tensor(row)
         mask = torch.arange(ids.shape[1])[None] < torch.tensor([len(r) for r in rows])[:, None]
         loss = llm(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100)).loss
-        _step(loss, list(llm.parameters()), opt, sched, bar, losses, clip=1.0)
+        _step(loss, params, opt, sched, bar, losses, clip=1.0)
     bar.close()
     return llm.eval(), losses
 
 
 def lm_corpus(data_dir: Path) -> list[str]:
     """The shapes world's plain text: every training caption and the text corpus."""
-    texts = [json.loads(line)["caption"] for line in (data_dir / "gen_train.jsonl").read_text().splitlines()
-             if line.strip()]
-    return texts + [json.loads(line)["text"] for line in (data_dir / "text_train.jsonl").read_text().splitlines()
-                    if line.strip()]
+    return ([r["caption"] for r in _jsonl(data_dir / "gen_train.jsonl")]
+            + [r["text"] for r in _jsonl(data_dir / "text_train.jsonl")])
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -265,13 +269,11 @@ def prepare_tokenizer(data_dir: Path, recipe: Recipe, root: Path, log: Callable[
     key = config_hash(to_dict(recipe.data.shapes), size, TOKENIZER_FORMAT)
 
     def corpus() -> list[str]:
-        texts = [gen_prompt(json.loads(line)["caption"])
-                 for line in (data_dir / "gen_train.jsonl").read_text().splitlines() if line.strip()]
+        texts = [gen_prompt(r["caption"]) for r in _jsonl(data_dir / "gen_train.jsonl")]
         for record in json.loads((data_dir / "und_train.json").read_text()):
             turns = [t["value"].replace("<image>", "").strip() for t in record["conversations"]]
             texts += [sft_prompt(q, recipe.data.und_system_prompt) + f" {a}" for q, a in zip(turns[::2], turns[1::2])]
-        texts += [json.loads(line)["text"] for line in (data_dir / "text_train.jsonl").read_text().splitlines()
-                  if line.strip()]
+        texts += [r["text"] for r in _jsonl(data_dir / "text_train.jsonl")]
         return texts + [OFFICIAL_SYSTEM_PROMPT]
 
     def build(tmp: Path) -> None:
@@ -313,7 +315,7 @@ def _load_train_images(data_dir: Path, size: int) -> tuple[torch.Tensor, list[st
     import numpy as np
     from PIL import Image
 
-    rows = [json.loads(line) for line in (data_dir / "gen_train.jsonl").read_text().splitlines() if line.strip()]
+    rows = _jsonl(data_dir / "gen_train.jsonl")
     arr = np.stack([np.asarray(Image.open(data_dir / r["image"]).convert("RGB").resize((size, size)))
                     for r in rows])
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
