@@ -40,9 +40,10 @@ def test_scenes_respect_counts_sizes_and_spacing():
     assert set(counts) == {1, 2, 3, 4} and min(counts.values()) > 60
     with_repeat = 0
     for s in all_scenes:
+        lo, hi = S.size_range(len(s.objects))
         for o in s.objects:
             assert o.kind in S.KINDS and o.color in S.COLORS
-            assert 0.2 <= o.size <= 0.5 + 1e-9
+            assert lo - 1e-4 <= o.size <= hi + 1e-4
             assert S.MARGIN - 1e-3 <= o.cx - o.size / 2 and o.cx + o.size / 2 <= 1 - S.MARGIN + 1e-3
             assert S.MARGIN - 1e-3 <= o.cy - o.size / 2 and o.cy + o.size / 2 <= 1 - S.MARGIN + 1e-3
         for a, b in combinations(s.objects, 2):
@@ -108,7 +109,7 @@ def test_captions_state_every_object_and_true_relations():
             b = next(o for o in scene.objects if (o.kind, o.color) == (kb, cb))
             assert rel in S.relations(a, b), (cap, scene)
         used_prefix += cap.startswith(("a photo of", "an image of", "a picture of"))
-    assert used_relation > 50 and used_prefix > 50
+    assert used_relation > 40 and used_prefix > 50  # two-object scenes are ~1/4; 60% of those state a relation
 
 
 def answer_of(question: str, scene: S.Scene) -> str:
