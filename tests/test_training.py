@@ -228,6 +228,24 @@ def test_prep_llm_learns_the_text_and_stage_1_starts_from_it(tmp_path, cache):
     assert not torch.equal(other["model.embed_tokens.weight"], saved["model.embed_tokens.weight"])
 
 
+def test_prep_caches_follow_the_shapes_world_version(tmp_path, monkeypatch):
+    """A new DATASET_VERSION (a changed generator) rebuilds the world and everything trained on it."""
+    from janusflow.data import shapes
+    from janusflow.train import prep
+
+    monkeypatch.setenv("JANUSFLOW_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe("tiny", [f"run_dir={tmp_path / 'run'}", "prep.tokenizer_vocab_size=270",
+                                  "prep.codec_steps=2", "prep.codec_batch_size=4", "prep.siglip_steps=2",
+                                  "prep.siglip_batch_size=4"])
+    keys = ("data_dir", "tokenizer_path", "codec_path", "siglip_dir")
+    first = prep.prepare(recipe, log=lambda _: None)
+    assert prep.prepare(recipe, log=lambda _: None) == first  # cached: the same folders
+    monkeypatch.setattr(shapes, "DATASET_VERSION", shapes.DATASET_VERSION + 1)
+    second = prep.prepare(recipe, log=lambda _: None)
+    assert all(first[k] and second[k] and Path(first[k]) != Path(second[k]) for k in keys), (first, second)
+    assert shapes.read_manifest(second["data_dir"])["params"]["version"] == shapes.DATASET_VERSION
+
+
 # ----------------------------------------------------------------------------- full runs
 
 

@@ -49,6 +49,14 @@ def config_hash(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def shapes_key(recipe: Recipe) -> dict:
+    """The shapes world's part of every prep cache key: its settings and the generator's DATASET_VERSION, so that
+    a changed world rebuilds the dataset and everything trained or encoded from it, not only the images."""
+    from janusflow.data.shapes import DATASET_VERSION
+
+    return {**to_dict(recipe.data.shapes), "dataset_version": DATASET_VERSION}
+
+
 def cache_root(recipe: Recipe) -> Path:
     return Path(os.environ.get("JANUSFLOW_CACHE", recipe.resolved_run_dir.parent / "_cache"))
 
@@ -215,7 +223,7 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
                  "siglip_dir": None, "tokenizer_path": None, "llm_path": recipe.llm_path}
     shapes = recipe.data.shapes
     if shapes.enabled:
-        key = config_hash(to_dict(shapes))
+        key = config_hash(shapes_key(recipe))
         out["data_dir"] = write_shapes_dataset(root / f"shapes-{key}", num_train=shapes.num_train,
                                                num_val=shapes.num_val, image_size=shapes.image_size,
                                                max_objects=shapes.max_objects, seed=shapes.seed)
@@ -231,7 +239,8 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
         raise ValueError("prep.codec_steps / prep.siglip_steps need data.shapes.enabled (the prep trains on it)")
     images, captions = _load_train_images(Path(out["data_dir"]), recipe.data.shapes.image_size)
     if recipe.prep.codec_steps > 0:
-        key = config_hash(to_dict(shapes), to_dict(recipe.codec), recipe.prep.codec_steps, recipe.prep.codec_batch_size)
+        key = config_hash(shapes_key(recipe), to_dict(recipe.codec), recipe.prep.codec_steps,
+                          recipe.prep.codec_batch_size)
 
         def build_codec(tmp: Path) -> None:
             codec = train_codec(images, recipe.codec, recipe.prep.codec_steps, recipe.prep.codec_batch_size)
@@ -246,7 +255,7 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
         out["codec_path"] = str(build_once(root / f"codec-{key}", build_codec))
     if recipe.prep.siglip_steps > 0:
         und = recipe.model.und_encoder
-        key = config_hash(to_dict(shapes), to_dict(und), recipe.prep.siglip_steps, recipe.prep.siglip_batch_size,
+        key = config_hash(shapes_key(recipe), to_dict(und), recipe.prep.siglip_steps, recipe.prep.siglip_batch_size,
                           SIGLIP_FORMAT)
 
         def build_siglip(tmp: Path) -> None:
@@ -266,7 +275,7 @@ def prepare_tokenizer(data_dir: Path, recipe: Recipe, root: Path, log: Callable[
     from janusflow.tokenizer import OFFICIAL_SYSTEM_PROMPT, gen_prompt, sft_prompt, train_bpe_tokenizer
 
     size = recipe.prep.tokenizer_vocab_size
-    key = config_hash(to_dict(recipe.data.shapes), size, TOKENIZER_FORMAT)
+    key = config_hash(shapes_key(recipe), size, TOKENIZER_FORMAT)
 
     def corpus() -> list[str]:
         texts = [gen_prompt(r["caption"]) for r in _jsonl(data_dir / "gen_train.jsonl")]
@@ -296,7 +305,7 @@ def prepare_llm(data_dir: Path, recipe: Recipe, tokenizer_path: str | None, root
     """The LLM pretrained on the shapes world's text, saved as an HF LlamaForCausalLM directory."""
     steps, batch_size = recipe.prep.llm_steps, recipe.prep.llm_batch_size
     tok_id = Path(tokenizer_path).name if tokenizer_path else to_dict(recipe.tokenizer)
-    key = config_hash(to_dict(recipe.data.shapes), to_dict(recipe.model.llm), tok_id, steps, batch_size, LLM_FORMAT)
+    key = config_hash(shapes_key(recipe), to_dict(recipe.model.llm), tok_id, steps, batch_size, LLM_FORMAT)
 
     def build(tmp: Path) -> None:
         tok = run_tokenizer(recipe, tokenizer_path)
