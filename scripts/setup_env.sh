@@ -73,7 +73,9 @@ setup_uv() {
   done < <("$PY" -m pip config list 2>/dev/null)
 }
 install() {
-  if [ -n "$UV" ]; then $UV pip install --quiet --python "$PY" "${UV_ARGS[@]}" "$@"
+  # unsafe-best-match: the newest version across all indexes, as pip picks (uv's default stops at the first
+  # index that has the package, and a local index with one old tomlkit made gradio unresolvable).
+  if [ -n "$UV" ]; then $UV pip install --quiet --python "$PY" --index-strategy unsafe-best-match "${UV_ARGS[@]}" "$@"
   else "$PY" -m pip install -q --no-compile "$@" 2>&1 | grep -v "^WARNING: Location" || true
   fi
 }
