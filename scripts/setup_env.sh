@@ -7,9 +7,10 @@
 # of torch & co. up front (install 110 s + 21 s first import vs 204 s on a 2-core CPU).
 # EXTRAS (2nd argument): the setup.cfg extras to add, "dev" by default (tests, lint, demo); "none" installs what
 # training and sampling need only (`make pretrain`: 23 fewer packages).
-# Installer: uv when it can be had (it unpacks torch's CUDA wheels in parallel: a whole fresh CPU install took
-# 39 s against 108 s with pip on a 2-core machine), with the indexes, find-links, constraints and certificate
-# of the machine's pip configuration; pip when uv cannot be installed or JANUSFLOW_INSTALLER=pip.
+# Installer: uv when it can be had (it unpacks torch's CUDA wheels in parallel: the `none` install into a fresh
+# venv, empty uv cache, took 74 s with the import check against 144 s with pip on a 2-core machine), with the
+# indexes, find-links, constraints and certificate of the machine's pip configuration; pip when uv cannot be
+# installed or JANUSFLOW_INSTALLER=pip.
 # Idempotent: a stamp with the hash of setup.cfg and the extras makes the second run a no-op.
 set -euo pipefail
 VENV=${1:-.venv}
@@ -43,7 +44,7 @@ if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$want" ] && $PY -c "import jan
 fi
 
 # uv reads no pip.conf: hand it what pip would use (pip config list shows the files' and PIP_* settings).
-UV=""
+USE_UV=""
 UV_ARGS=()
 setup_uv() {
   [ "${JANUSFLOW_INSTALLER:-uv}" = uv ] || return 0
@@ -55,7 +56,7 @@ setup_uv() {
     "$PY" -m pip install -q uv 2>&1 | grep -v "^WARNING: Location" || true
     "$PY" -m uv --version >/dev/null 2>&1 || { echo "[setup] uv unavailable: installing with pip"; return 0; }
   fi
-  UV="$PY -m uv"
+  USE_UV=1
   local line key val item seen=" "
   while IFS= read -r line; do
     key=${line%%=*}; key=${key#*.}; val=${line#*=}; val=${val#\'}; val=${val%\'}
@@ -75,8 +76,10 @@ setup_uv() {
 install() {
   # unsafe-best-match: the newest version across all indexes, as pip picks (uv's default stops at the first
   # index that has the package, and a local index with one old tomlkit made gradio unresolvable).
-  if [ -n "$UV" ]; then $UV pip install --quiet --python "$PY" --index-strategy unsafe-best-match "${UV_ARGS[@]}" "$@"
-  else "$PY" -m pip install -q --no-compile "$@" 2>&1 | grep -v "^WARNING: Location" || true
+  if [ -n "$USE_UV" ]; then
+    "$PY" -m uv pip install --quiet --python "$PY" --index-strategy unsafe-best-match "${UV_ARGS[@]}" "$@"
+  else
+    "$PY" -m pip install -q --no-compile "$@" 2>&1 | grep -v "^WARNING: Location" || true
   fi
 }
 setup_uv
