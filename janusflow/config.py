@@ -292,6 +292,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    """Clip the gradient's total norm to this (0: no clipping)."""
     ema_decay: float = 0.99
     save_every: int = 1000
     keep_checkpoints: int = 2
@@ -481,6 +482,8 @@ def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, TrainConfig):
         if obj.zero_stage not in (0, 1, 2, 3):
             bad("zero_stage", f"{obj.zero_stage} is not one of 0, 1, 2, 3")
+        if not 0.0 <= obj.grad_clip < math.inf:
+            bad("grad_clip", f"must be a number >= 0 (0: no clipping), got {obj.grad_clip}")
         if not 0.0 <= obj.ema_decay < 1.0:
             bad("ema_decay", "must be in [0, 1)")
         if len(obj.betas) != 2:

@@ -26,6 +26,7 @@ def test_preset_with_overrides():
         ({"train": {"lr_typo": 1}}, "train.lr_typo"),
         ({"train": {"zero_stage": 7}}, "train.zero_stage"),
         ({"train": {"ema_decay": "high"}}, "train.ema_decay"),
+        ({"train": {"grad_clip": -1.0}}, "train.grad_clip"),
         ({"stages": [{"max_steps": 0}]}, "stages.0.max_steps"),
         ({"stages": [{"policy": "stage9"}]}, "stages.0.policy"),
         ({"stages": [{"max_steps": 10, "decay_steps": 11}]}, "stages.0.decay_steps"),

@@ -198,6 +198,41 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert reasons == {k: src.stats[k] for k in reasons} and sum(reasons.values()) == stream.stats["gen_skipped"]
 
 
+def test_cached_gen_records_are_not_decoded_and_give_the_same_batches(tmp_path, monkeypatch):
+    import janusflow.data.sources as sources
+    from janusflow.data.latent_cache import build_latent_cache
+    from janusflow.models.codec import LatentCodec, vae_config
+
+    data = tmp_path / "shapes"
+    _stream(tmp_path, [MixturePhase(gen=1)])  # writes the dataset
+    rows = [json.loads(line) for line in (data / "gen_train.jsonl").read_text().splitlines()]
+    for i in (3, 5, 7, 11):
+        rows[i]["image"] = "images/train/missing.png"
+    gen_path = data / "gen_broken.jsonl"
+    gen_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    codec = LatentCodec(__import__("diffusers").AutoencoderKL.from_config(vae_config("tiny")))
+    cache = build_latent_cache([open_source(gen_path, "caption_jsonl")], codec, 32, [tmp_path / "latents.pt"])
+    assert not cache.has(0, 3) and cache.has(0, 2)
+    decoded, real_decode = [], sources.decode_image
+    monkeypatch.setattr(sources, "decode_image", lambda data, name="": decoded.append(name) or real_decode(data, name))
+
+    def batches(repa: bool):
+        stream = _stream(tmp_path, [MixturePhase(und=0, gen=1, text=0)], gen_path=str(gen_path), latent_cache=cache,
+                         repa=repa)
+        return stream, [next(stream.micro_batches(step, 16, 16)).gen for step in range(3)]
+
+    lean, lean_batches = batches(repa=False)  # the latent cache stands in for every readable image
+    assert decoded == []
+    full, full_batches = batches(repa=True)  # REPA without its cache needs the pixels: records are read in full
+    assert len(decoded) > 0
+    for a, b in zip(lean_batches, full_batches):
+        assert "images" not in a and "repa_pixels" in b
+        for key in ("prefix_ids", "prefix_mask", "latents", "t", "noise_seed"):
+            assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
+    assert lean.stats == full.stats and lean.stats["gen_missing_file"] > 0
+
+
 # ----------------------------------------------------------------------------- the pretrained LLM of the prep
 
 

@@ -32,8 +32,11 @@ class RecordCache:
     def __init__(self, values: list[torch.Tensor], valid: list[torch.Tensor]):
         self.values, self.valid = values, valid
 
+    def has(self, source: int, index: int) -> bool:
+        return bool(self.valid[source][index])
+
     def get(self, source: int, index: int) -> torch.Tensor | None:
-        return self.values[source][index].float() if bool(self.valid[source][index]) else None
+        return self.values[source][index].float() if self.has(source, index) else None
 
     @classmethod
     def build(cls, name: str, sources: list, encode: Callable[[torch.Tensor], torch.Tensor], transform: Callable,

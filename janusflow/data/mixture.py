@@ -21,6 +21,7 @@ import torch
 
 from janusflow.config import DataConfig, MixturePhase, ModelConfig, TimeSamplingConfig, UndEncoderConfig
 from janusflow.data.sources import (
+    BadRecord,
     CaptionRecord,
     ConversationRecord,
     TextRecord,
@@ -34,6 +35,7 @@ from janusflow.tokenizer import EOS, IMAGE, Tokenizer, expand_image_tokens, sft_
 log = logging.getLogger(__name__)
 TASKS = ("gen", "und", "text")
 IGNORE = -100
+PROMPT_MEMORY = 100_000
 
 
 class DataError(RuntimeError):
@@ -102,6 +104,7 @@ class SampleBuilder:
         self.gen_size = model_cfg.gen_image_size
         self.num_image_tokens = num_und_image_tokens
         self.stats: Counter = Counter()
+        self._prompts: dict[str, tuple[list[int], bool]] = {}
         # Truncating a conversation inside its image block would break every understanding sample.
         head = f"{system_prompt}\n\n" if system_prompt else ""
         first = expand_image_tokens(tok.encode(f"{head}User: {IMAGE}\n"), tok, num_und_image_tokens)
@@ -115,14 +118,29 @@ class SampleBuilder:
             return ids[:limit]
         return ids
 
+    def prompt_ids(self, caption: str) -> list[int]:
+        """The generation prompt's ids for a caption (truncated to data.max_text_len tokens); remembered for
+        up to PROMPT_MEMORY captions, as datasets repeat captions and tokenizing is most of a cached gen sample."""
+        if caption not in self._prompts:
+            if len(self._prompts) >= PROMPT_MEMORY:
+                self._prompts.clear()
+            ids = self.tok.encode(caption, add_bos=False)
+            truncated = len(ids) > self.data_cfg.max_text_len
+            text = self.tok.decode(ids[:self.data_cfg.max_text_len])
+            self._prompts[caption] = (self.tok.encode(sft_prompt(text)), truncated)
+        ids, truncated = self._prompts[caption]
+        if truncated:
+            self.stats["truncated_caption"] += 1
+        return list(ids)
+
     def gen(self, rec: CaptionRecord, rng: random.Random, center_crop: bool,
             repa_feats: torch.Tensor | None = None, repa: bool = True) -> dict:
         """Prompt = the official generation template without its last tag (t_emb takes its place).
         REPA's target is the SigLIP features of the same (clean, cropped) image: ``repa_feats`` when
         cached, else the pixels SigLIP will see; none at all with ``repa`` off."""
-        caption = self.tok.decode(self._truncate(self.tok.encode(rec.caption, add_bos=False),
-                                                 self.data_cfg.max_text_len, "caption"))
-        ids = self.tok.encode(sft_prompt(caption))
+        ids = self.prompt_ids(rec.caption)
+        if rec.image is None:  # a cached record: its latent (and REPA target) come from the caches
+            return {"ids": ids} if repa_feats is None else {"ids": ids, "repa_feats": repa_feats}
         image = gen_transform(rec.image, self.gen_size, rng if not center_crop else None)
         if not repa:
             return {"ids": ids, "image": image}
@@ -292,7 +310,7 @@ class MixtureStream:
         for _ in range(1000):
             k = rng.choices(range(len(srcs)), weights=weights)[0] if len(srcs) > 1 else 0
             idx = rng.randrange(len(srcs[k]))
-            rec = srcs[k][idx]
+            rec = self._cached_record(srcs[k], k, idx) if task == "gen" and self._gen_from_caches else srcs[k][idx]
             if rec is not None:
                 self.stats[f"{task}_ok"] += 1
                 return k, idx, rec
@@ -305,6 +323,28 @@ class MixtureStream:
                                 f"(more than data.max_bad_fraction={self.max_bad_fraction}) in {paths}"
                                 f"{_reasons(srcs[k])}")
         raise DataError(f"no readable {task} record found in 1000 tries")
+
+    @property
+    def _gen_from_caches(self) -> bool:
+        """The caches hold everything a gen image gives (its latent and, with REPA on, REPA's target)."""
+        return self.latent_cache is not None and (not self.repa or self.repa_cache is not None)
+
+    def _cached_record(self, src, k: int, idx: int) -> CaptionRecord | None:
+        """A gen record whose image the caches stand in for: its caption alone (decoding the image would be
+        wasted), or None for a record the caches lack, which was unreadable when they were built."""
+        cached = self.latent_cache.has(k, idx) and (not self.repa or self.repa_cache.has(k, idx))
+        if not cached:
+            rec = src[idx]  # counts the reason it is unreadable
+            if rec is not None:  # readable now, but changed on disk since: skipped all the same
+                src._count_bad("not_in_cache", f"record {idx} was unreadable when the latent cache was built")
+            return None
+        if not hasattr(src, "caption"):
+            return src[idx]
+        try:
+            return CaptionRecord(None, src.caption(idx))
+        except BadRecord as e:
+            src._count_bad(e.reason, str(e))
+            return None
 
     def global_batch(self, step: int, batch_size: int) -> list[tuple[str, dict]]:
         rng = random.Random(f"{self.seed}-{step}")

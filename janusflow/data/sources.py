@@ -35,7 +35,8 @@ UND_MIN_SIZE = 14  # the official VLMImageProcessor's min_size
 
 @dataclass
 class CaptionRecord:
-    image: Image.Image
+    image: Image.Image | None
+    """None when only the caption was read (the data stream's caches hold what the image would give)."""
     caption: str
 
 
@@ -267,11 +268,20 @@ class CaptionJsonlSource(SourceDataset):
         return len(self.rows)
 
     def _load(self, i: int) -> CaptionRecord:
+        row = self._dict_row(i)
+        caption = _text(row.get("caption", row.get("text")))
+        return CaptionRecord(load_image(_image_path(self.image_root, row.get("image"))), caption)
+
+    def _dict_row(self, i: int) -> dict:
         row = _row(self.rows, i)
         if not isinstance(row, dict):
             raise BadRecord("bad_record", f"line record {i} is a {type(row).__name__}")
-        caption = _text(row.get("caption", row.get("text")))
-        return CaptionRecord(load_image(_image_path(self.image_root, row.get("image"))), caption)
+        return row
+
+    def caption(self, i: int) -> str:
+        """Record i's caption alone, its image not read (for records whose image is cached); raises BadRecord."""
+        row = self._dict_row(i)
+        return _text(row.get("caption", row.get("text")))
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -359,22 +369,27 @@ class WebDatasetSource(SourceDataset):
             raise BadRecord(reason, f"{name}: the shard ends {size - len(data)} bytes early")
         return data
 
-    def _load(self, i: int) -> CaptionRecord:
+    def caption(self, i: int) -> str:
+        """Sample i's caption alone, its image not read (for samples whose image is cached); raises BadRecord."""
         si, key, exts = self.samples[i]
         name = f"{self.shards[si]}:{key}"
         cap_ext = next((e for e in CAPTION_EXTS if e in exts), None)
         if cap_ext is not None:
-            caption = _text(self._read(si, exts[cap_ext], name).decode("utf-8", errors="replace"))
-        elif "json" in exts:
+            return _text(self._read(si, exts[cap_ext], name).decode("utf-8", errors="replace"))
+        if "json" in exts:
             try:
                 meta = json.loads(self._read(si, exts["json"], name))
             except ValueError as e:
                 raise BadRecord("bad_json", f"{name}.json: {e}") from e
             if not isinstance(meta, dict):
                 raise BadRecord("bad_json", f"{name}.json is a {type(meta).__name__}")
-            caption = _text(meta.get("caption", meta.get("text")))
-        else:
-            raise BadRecord("empty_text", f"{name}: no caption member")
+            return _text(meta.get("caption", meta.get("text")))
+        raise BadRecord("empty_text", f"{name}: no caption member")
+
+    def _load(self, i: int) -> CaptionRecord:
+        si, key, exts = self.samples[i]
+        name = f"{self.shards[si]}:{key}"
+        caption = self.caption(i)
         img_ext = next((e for e in IMAGE_EXTS if e in exts), None)
         if img_ext is None:
             raise BadRecord("missing_file", f"{name}: no image member")

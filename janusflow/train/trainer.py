@@ -173,6 +173,13 @@ def per_sample_mean(values: torch.Tensor, valid: torch.Tensor, index: torch.Tens
     return sums / counts.clamp(min=1)
 
 
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a total norm of at most ``max_norm`` (0: leave them); return the norm before."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
 def lr_factor(stage: StageConfig, step: int) -> float:
     """The LR multiplier for optimizer step ``step`` (0-based): linear warm-up, constant, then linear decay
     over the last ``decay_steps`` steps, reaching 1 / decay_steps on the final step."""
@@ -214,8 +221,9 @@ class EMA:
         own = dict(self.model.named_parameters())
         gathered = [params[n] for n in names]
         with _gathered(gathered):
-            for name, p in zip(names, gathered):
-                own[name].lerp_(p.detach().float().to(own[name].device), 1.0 - self.decay)
+            targets = [own[n] for n in names]
+            sources = [p.detach().to(t.device, torch.float32) for p, t in zip(gathered, targets)]
+            torch._foreach_lerp_(targets, sources, 1.0 - self.decay)  # one call instead of one per tensor
 
 
 def _gathered(params):
@@ -444,7 +452,8 @@ class Trainer:
             "train_batch_size": stage.batch_size,
             "train_micro_batch_size_per_gpu": stage.micro_batch_size,
             "gradient_accumulation_steps": stage.batch_size // per_step,
-            "gradient_clipping": r.train.grad_clip,
+            # DeepSpeed's plain engine would compute the norm a second time to clip: we clip there ourselves.
+            "gradient_clipping": 0.0 if self.zero_stage == 0 else r.train.grad_clip,
             "bf16": {"enabled": self.dtype == torch.bfloat16},
             "steps_per_print": 10**9,
             "zero_allow_untested_optimizer": True,
@@ -639,15 +648,13 @@ class Trainer:
                     group["lr"] = 0.0  # the LR scheduler sets it again after this step
             engine.backward(losses["loss"])
             if i == len(micros) - 1 and self.zero_stage == 0:
-                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                own_norm = torch.nn.utils.get_total_norm(grads)
+                own_norm = clip_gradients([p for p in engine.module.parameters() if p.grad is not None],
+                                          self.recipe.train.grad_clip)
             engine.step()
             if not bad:
                 for k, v in losses.items():
                     sums.setdefault(k, []).append(float(v.detach()))
-        norm = engine.get_global_grad_norm()
-        if norm is None and self.zero_stage == 0:  # DeepSpeed's fp32 stage 0 clips without keeping the norm
-            norm = own_norm
+        norm = own_norm if self.zero_stage == 0 else engine.get_global_grad_norm()
         if norm is not None and not math.isfinite(float(norm)):
             raise NonFiniteError(f"step {step + 1}: the gradient norm is {norm}; the weights are no longer valid, "
                                  f"so nothing was saved. Resume from the last checkpoint with a lower learning rate.")
