@@ -320,6 +320,29 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, cache):
         assert logged == pytest.approx([lr, lr, lr, lr * 2 / 3, lr / 3])  # warm-up 1, constant, decay
 
 
+def test_grad_clip_bounds_the_update_and_the_norm_is_logged_before_clipping(tmp_path, cache):
+    """One fp32 rank, where the trainer clips instead of DeepSpeed: gradients clipped to a norm of 1e-12 lie far
+    below Adam's eps, so the weights barely move, while unclipped Adam moves them by about the LR."""
+    from janusflow.train.trainer import Trainer
+
+    def first_update(clip: float) -> tuple[float, float]:
+        recipe = load_recipe("tiny", [f"run_dir={tmp_path / str(clip)}", "stages.0.max_steps=1",
+                                      "stages.1.max_steps=1", "stages.2.max_steps=1", f"train.grad_clip={clip}"])
+        trainer = Trainer(recipe)
+        assert trainer.clips_itself and trainer._ds_config(recipe.stages[0])["gradient_clipping"] == 0.0
+        trainer.run()
+        init, _ = trainer.build_model(0, recipe.stages[0])
+        after = JanusFlow.from_pretrained(trainer.stage_dir(0) / "final").state_dict()
+        moved = max((after[n] - p).abs().max().item() for n, p in init.state_dict().items())
+        norm = next(r["grad_norm"] for r in read_metrics(tmp_path / str(clip)) if r["stage"] == "adaptation")
+        return moved, norm
+
+    free_move, free_norm = first_update(0.0)
+    clipped_move, clipped_norm = first_update(1e-12)
+    assert free_move > 1e-4 and clipped_move < 1e-3 * free_move
+    assert clipped_norm == pytest.approx(free_norm, rel=1e-6) and free_norm > 1e-3
+
+
 def test_two_ranks_zero2_match_one_rank(tmp_path, cache):
     # Everything trainable, and micro-batches whose tasks differ between the ranks (4 gen | 4 und).
     common = ["train.zero_stage=2", "stages.0.max_steps=3", "stages.0.batch_size=8", "stages.0.micro_batch_size=4",

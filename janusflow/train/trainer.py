@@ -452,8 +452,7 @@ class Trainer:
             "train_batch_size": stage.batch_size,
             "train_micro_batch_size_per_gpu": stage.micro_batch_size,
             "gradient_accumulation_steps": stage.batch_size // per_step,
-            # DeepSpeed's plain engine would compute the norm a second time to clip: we clip there ourselves.
-            "gradient_clipping": 0.0 if self.zero_stage == 0 else r.train.grad_clip,
+            "gradient_clipping": 0.0 if self.clips_itself else r.train.grad_clip,
             "bf16": {"enabled": self.dtype == torch.bfloat16},
             "steps_per_print": 10**9,
             "zero_allow_untested_optimizer": True,
@@ -477,6 +476,12 @@ class Trainer:
         zero = self.user_ds_config.get("zero_optimization", {})
         offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
         return self.recipe.train.zero_stage if self.world > 1 or offload or self.dtype != torch.float32 else 0
+
+    @property
+    def clips_itself(self) -> bool:
+        """Whether the trainer clips the gradients instead of DeepSpeed: on the plain fp32 engine, which would
+        compute the norm a second time to clip (bf16 stage 0 clips its own fp32 copies, so it keeps DeepSpeed's)."""
+        return self.zero_stage == 0 and self.dtype == torch.float32
 
     # -------------------------------------------------------------- the loop
 
@@ -647,14 +652,14 @@ class Trainer:
                 for group in engine.optimizer.param_groups:
                     group["lr"] = 0.0  # the LR scheduler sets it again after this step
             engine.backward(losses["loss"])
-            if i == len(micros) - 1 and self.zero_stage == 0:
+            if i == len(micros) - 1 and self.clips_itself:
                 own_norm = clip_gradients([p for p in engine.module.parameters() if p.grad is not None],
                                           self.recipe.train.grad_clip)
             engine.step()
             if not bad:
                 for k, v in losses.items():
                     sums.setdefault(k, []).append(float(v.detach()))
-        norm = own_norm if self.zero_stage == 0 else engine.get_global_grad_norm()
+        norm = own_norm if self.clips_itself else engine.get_global_grad_norm()
         if norm is not None and not math.isfinite(float(norm)):
             raise NonFiniteError(f"step {step + 1}: the gradient norm is {norm}; the weights are no longer valid, "
                                  f"so nothing was saved. Resume from the last checkpoint with a lower learning rate.")
