@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 
 from janusflow.config import MixturePhase, TimeSamplingConfig, load_recipe
@@ -89,7 +90,7 @@ def _mixed_batch():
     batch = next(stream.micro_batches(0, 8, 8))
     from janusflow.models.codec import LatentCodec, vae_config
 
-    codec = LatentCodec(__import__("diffusers").AutoencoderKL.from_config(vae_config("tiny")))
+    codec = LatentCodec(AutoencoderKL.from_config(vae_config("tiny")))
     batch.gen["latents"] = codec.encode(batch.gen.pop("images"))
     batch.gen["noise"] = torch.randn_like(batch.gen["latents"])
     return batch
@@ -211,7 +212,7 @@ def test_cached_gen_records_are_not_decoded_and_give_the_same_batches(tmp_path, 
     gen_path = data / "gen_broken.jsonl"
     gen_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(0)
-    codec = LatentCodec(__import__("diffusers").AutoencoderKL.from_config(vae_config("tiny")))
+    codec = LatentCodec(AutoencoderKL.from_config(vae_config("tiny")))
     cache = build_latent_cache([open_source(gen_path, "caption_jsonl")], codec, 32, [tmp_path / "latents.pt"])
     assert not cache.has(0, 3) and cache.has(0, 2)
     decoded, real_decode = [], sources.decode_image
@@ -231,6 +232,7 @@ def test_cached_gen_records_are_not_decoded_and_give_the_same_batches(tmp_path, 
         for key in ("prefix_ids", "prefix_mask", "latents", "t", "noise_seed"):
             assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
     assert lean.stats == full.stats and lean.stats["gen_missing_file"] > 0
+    assert lean.sources["gen"][0].stats == full.sources["gen"][0].stats  # caption-only reads count as "ok" too
 
 
 # ----------------------------------------------------------------------------- the pretrained LLM of the prep

@@ -21,8 +21,8 @@ import torch
 
 from janusflow.config import DataConfig, MixturePhase, ModelConfig, TimeSamplingConfig, UndEncoderConfig
 from janusflow.data.sources import (
-    BadRecord,
     CaptionRecord,
+    CaptionSource,
     ConversationRecord,
     TextRecord,
     gen_transform,
@@ -336,15 +336,9 @@ class MixtureStream:
         if not cached:
             rec = src[idx]  # counts the reason it is unreadable
             if rec is not None:  # readable now, but changed on disk since: skipped all the same
-                src._count_bad("not_in_cache", f"record {idx} was unreadable when the latent cache was built")
+                src.count_bad("not_in_cache", f"record {idx} was unreadable when the latent cache was built")
             return None
-        if not hasattr(src, "caption"):
-            return src[idx]
-        try:
-            return CaptionRecord(None, src.caption(idx))
-        except BadRecord as e:
-            src._count_bad(e.reason, str(e))
-            return None
+        return src.caption_record(idx) if isinstance(src, CaptionSource) else src[idx]
 
     def global_batch(self, step: int, batch_size: int) -> list[tuple[str, dict]]:
         rng = random.Random(f"{self.seed}-{step}")

@@ -17,7 +17,7 @@ import json
 import random
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,22 +134,27 @@ class SourceDataset(abc.ABC):
     def _load(self, i: int) -> Record:
         """The record at index i (0 <= i < len); raises BadRecord for unusable data."""
 
-    def _count_bad(self, reason: str, detail: str) -> None:
+    def count_bad(self, reason: str, detail: str) -> None:
+        """Count a bad record under ``reason`` (the stats and error reports show it)."""
         self.stats[reason] += 1
         self.last_error[reason] = detail
         self.last_reason = reason
 
     def __getitem__(self, i: int) -> Record | None:
+        return self._guarded(i, self._load)
+
+    def _guarded(self, i: int, load: Callable[[int], Record]) -> Record | None:
+        """``load(i)``, or None with the reason counted when the record is unusable."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} records of {self.path}")
         try:
-            record = self._load(i % n)
+            record = load(i % n)
         except BadRecord as e:
-            self._count_bad(e.reason, str(e))
+            self.count_bad(e.reason, str(e))
             return None
         except Exception as e:  # a malformed record of a kind not foreseen must not stop training either
-            self._count_bad("unexpected_error", f"record {i}: {type(e).__name__}: {e}")
+            self.count_bad("unexpected_error", f"record {i}: {type(e).__name__}: {e}")
             return None
         self.stats["ok"] += 1
         return record
@@ -256,7 +261,19 @@ class LlavaJsonSource(SourceDataset):
         return ConversationRecord(image, turns)
 
 
-class CaptionJsonlSource(SourceDataset):
+class CaptionSource(SourceDataset):
+    """Image-caption records whose caption can be read without the image."""
+
+    @abc.abstractmethod
+    def caption(self, i: int) -> str:
+        """Record i's caption alone, its image not read; raises BadRecord."""
+
+    def caption_record(self, i: int) -> CaptionRecord | None:
+        """Record i without its image (for records whose image the data stream has cached), or None as ``self[i]``."""
+        return self._guarded(i, lambda j: CaptionRecord(None, self.caption(j)))
+
+
+class CaptionJsonlSource(CaptionSource):
     """Image-caption pairs: JSONL lines ``{"image": rel_path, "caption": text}`` ("text" is accepted too)."""
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
@@ -279,7 +296,6 @@ class CaptionJsonlSource(SourceDataset):
         return row
 
     def caption(self, i: int) -> str:
-        """Record i's caption alone, its image not read (for records whose image is cached); raises BadRecord."""
         row = self._dict_row(i)
         return _text(row.get("caption", row.get("text")))
 
@@ -324,7 +340,7 @@ def _shard_paths(pattern_or_paths: str | Path | Sequence[str | Path]) -> list[Pa
     return paths
 
 
-class WebDatasetSource(SourceDataset):
+class WebDatasetSource(CaptionSource):
     """Image-caption samples in uncompressed WebDataset tar shards, read with the stdlib ``tarfile``.
 
     Members ``KEY.png|jpg|...`` and ``KEY.txt`` (or ``KEY.json`` with a "caption"/"text" field) form one sample.
@@ -354,7 +370,7 @@ class WebDatasetSource(SourceDataset):
                     if shard.stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
                         raise tarfile.ReadError(f"no end-of-archive blocks after byte {tar.offset} (truncated?)")
             except (tarfile.TarError, OSError, EOFError) as e:
-                self._count_bad("bad_shard", f"{shard}: {type(e).__name__}: {e}")
+                self.count_bad("bad_shard", f"{shard}: {type(e).__name__}: {e}")
             self.samples += [(si, key, exts) for key, exts in members.items()]
 
     def __len__(self) -> int:
@@ -370,7 +386,6 @@ class WebDatasetSource(SourceDataset):
         return data
 
     def caption(self, i: int) -> str:
-        """Sample i's caption alone, its image not read (for samples whose image is cached); raises BadRecord."""
         si, key, exts = self.samples[i]
         name = f"{self.shards[si]}:{key}"
         cap_ext = next((e for e in CAPTION_EXTS if e in exts), None)
