@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from janusflow.config import CodecConfig, model_config  # noqa: E402
-from janusflow.models.codec import LatentCodec  # noqa: E402
-from janusflow.models.janusflow import JanusFlow  # noqa: E402
-from janusflow.pipeline import DTYPES, image_noise, left_pad  # noqa: E402
-from janusflow.sampling import sample_latents, sample_latents_reference  # noqa: E402
-from janusflow.tokenizer import ByteTokenizer, gen_prompt  # noqa: E402
+from janusflow.config import CodecConfig, model_config
+from janusflow.models.codec import LatentCodec
+from janusflow.models.janusflow import JanusFlow
+from janusflow.pipeline import DTYPES, image_noise, left_pad
+from janusflow.sampling import sample_latents, sample_latents_reference
+from janusflow.tokenizer import ByteTokenizer, gen_prompt
 
 PROMPTS = ["a red circle left of a blue square", "two green triangles", "a small yellow star above a purple circle"]
 CODEC_PRESET = {"tiny": "tiny", "shapes": "shapes", "janusflow-1.3b": "sdxl"}

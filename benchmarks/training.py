@@ -15,7 +15,7 @@ processes on a shared machine hits every variant alike.
 --compare repa: und + gen rows (2:8); REPA "live" runs the frozen SigLIP on the clean image every step,
 "cached" reads its features from the data (janusflow.data.latent_cache, what the trainer does while
 SigLIP is frozen). --compare packing: und + text rows of random lengths, one right-padded row each vs
-packed rows (data.packing); the same tokens, so the step-time ratio is the tokens/s ratio. MFU (GPU
+packed rows (data.pack_length); the same tokens, so the step-time ratio is the tokens/s ratio. MFU (GPU
 only) counts the LLM's matmul FLOPs (6 N per token for the non-embedding weights, plus attention
 12 L d s) against the device's peak bf16 FLOP/s (--peak-tflops, 989 for an H100 SXM dense).
 """
@@ -24,20 +24,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from janusflow.config import load_recipe, model_config  # noqa: E402
-from janusflow.data.mixture import Batch, collate_ar  # noqa: E402
-from janusflow.models.janusflow import JanusFlow  # noqa: E402
-from janusflow.tokenizer import ByteTokenizer  # noqa: E402
-from janusflow.train.trainer import TrainModule, apply_speed_options  # noqa: E402
+from janusflow.config import load_recipe, model_config
+from janusflow.data.batch import ArRows, ArSample, Batch, GenRows, collate_ar, collate_packed, pack_rows
+from janusflow.data.transforms import siglip_view
+from janusflow.models.janusflow import JanusFlow
+from janusflow.tokenizer import ByteTokenizer
+from janusflow.train.losses import TrainModule
+from janusflow.train.optim import apply_speed_options
 
 RECIPES = {"shapes": "2to8", "tiny": "tiny", "janusflow-1.3b": "janusflow-1.3b"}
 
@@ -52,8 +50,9 @@ class Variant:
 
 def synthetic_batch(model: JanusFlow, n_und: int, n_gen: int, n_text: int, prompt_len: int, text_len: int,
                     latent_side: int, device: torch.device, dtype: torch.dtype) -> Batch:
+    """Random rows of the trainer's layout: und / text rows of one length, gen rows with live REPA (crops)."""
     cfg = model.config
-    vocab = cfg.llm.vocab_size
+    vocab, size = cfg.llm.vocab_size, cfg.und_encoder.image_size
     n_img = model.vision_und_enc_model.num_patches + 1
     g = torch.Generator().manual_seed(0)
     batch = Batch(size=n_und + n_gen + n_text)
@@ -63,19 +62,16 @@ def synthetic_batch(model: JanusFlow, n_und: int, n_gen: int, n_text: int, promp
         ids = torch.randint(0, vocab - 16, (rows, width), generator=g)
         mask = torch.zeros(rows, width, dtype=torch.bool)
         mask[:n_und, 1:1 + n_img] = True
-        size = cfg.und_encoder.image_size
-        batch.ar = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-                    "sample_index": torch.arange(rows)[:, None].expand(rows, width),
-                    "pixel_values": torch.randn(n_und, 3, size, size, generator=g) if n_und else None,
-                    "image_seq_mask": mask, "is_und": torch.arange(rows) < n_und}
+        batch.ar = ArRows(ids, ids.clone(), torch.arange(rows)[:, None].expand(rows, width).contiguous(),
+                          torch.arange(rows) < n_und, mask, torch.ones_like(ids),
+                          images=torch.randn(n_und, 3, size, size, generator=g) if n_und else None)
     if n_gen:
         latents = torch.randn(n_gen, cfg.gen_encoder.latent_channels, latent_side, latent_side, generator=g)
-        size = cfg.und_encoder.image_size
-        batch.gen = {"prefix_ids": torch.randint(0, vocab - 16, (n_gen, prompt_len), generator=g),
-                     "prefix_mask": torch.ones(n_gen, prompt_len, dtype=torch.long), "latents": latents,
-                     "noise": torch.randn_like(latents), "t": torch.rand(n_gen, generator=g),
-                     "repa_pixels": torch.randn(n_gen, 3, size, size, generator=g)}
-    return batch.to(device, dtype)
+        prompts = torch.randint(0, vocab - 16, (n_gen, prompt_len), generator=g)
+        crops = torch.randint(0, 256, (n_gen, 3, size, size), generator=g, dtype=torch.uint8)
+        batch.gen = GenRows(torch.rand(n_gen, generator=g), 0, prompts, torch.ones_like(prompts), latents=latents,
+                            crops=crops)
+    return batch.to_device(device, dtype)
 
 
 def varied_ar_batches(model: JanusFlow, n_und: int, n_text: int, min_len: int, max_len: int,
@@ -85,28 +81,29 @@ def varied_ar_batches(model: JanusFlow, n_und: int, n_text: int, min_len: int, m
     n_img = model.vision_und_enc_model.num_patches
     size = model.config.und_encoder.image_size
     g = torch.Generator().manual_seed(0)
-    samples, tasks = [], []
+    samples = []
     for i in range(n_und + n_text):
         n = int(torch.randint(min_len, max_len + 1, (), generator=g))
         ids = torch.randint(0, 250, (n,), generator=g).tolist()
         if i < n_und:
             ids = [tok.bos_id, tok.boi_id] + [tok.image_id] * n_img + ids
-            samples.append({"ids": ids, "labels": ids, "pixels": torch.randn(3, size, size, generator=g)})
+            samples.append(ArSample("und", ids, ids, torch.randn(3, size, size, generator=g)))
         else:
-            samples.append({"ids": [tok.bos_id] + ids, "labels": [tok.bos_id] + ids})
-        tasks.append("und" if i < n_und else "text")
-    tokens = sum(len(s["ids"]) for s in samples)
-    plain, packed = (Batch(len(samples), ar=collate_ar(samples, tok, tasks, pack=p)).to(device, dtype)
-                     for p in (False, True))
+            samples.append(ArSample("text", [tok.bos_id] + ids, [tok.bos_id] + ids))
+    tokens = sum(len(s.ids) for s in samples)
+    plain = Batch(len(samples), ar=collate_ar(samples, tok)).to_device(device, dtype)
+    width = max(len(s.ids) for s in samples)
+    ar, _, layout = collate_packed(samples, pack_rows([len(s.ids) for s in samples], width), width, tok, 0, None, 0)
+    packed = Batch(len(samples), ar=ar, layout=layout).to_device(device, dtype)
     return plain, packed, tokens
 
 
 def with_cached_repa(model: JanusFlow, batch: Batch) -> Batch:
-    """The batch as the data stream yields it when REPA's targets are cached (features, no pixels)."""
-    gen = dict(batch.gen)
+    """The batch as the data stream yields it when REPA's targets are cached (features, no crops)."""
+    und = model.config.und_encoder
     with torch.no_grad():
-        gen["repa_feats"] = model.vision_und_enc_model(gen.pop("repa_pixels"))
-    return Batch(batch.size, batch.ar, gen, batch.counts)
+        targets = model.vision_und_enc_model(siglip_view(batch.gen.crops, und).to(model.dtype_for_llm))
+    return Batch(batch.size, batch.ar, dataclasses.replace(batch.gen, crops=None, repa_targets=targets), batch.counts)
 
 
 def llm_flops_per_token(model: JanusFlow, seq_len: int) -> float:
@@ -212,8 +209,8 @@ def main() -> None:
     else:
         plain, packed, tokens = varied_ar_batches(base, n_und, args.batch - n_und, *args.pack_lengths, device, dtype)
         rows = f"{n_und} und + {args.batch - n_und} text, text lengths {args.pack_lengths[0]}-{args.pack_lengths[1]}"
-        print(f"packing: {plain.ar['input_ids'].numel()} -> {packed.ar['input_ids'].numel()} positions "
-              f"({plain.ar['input_ids'].shape[0]} -> {packed.ar['input_ids'].shape[0]} rows) for {tokens} tokens")
+        print(f"packing: {plain.ar.input_ids.numel()} -> {packed.ar.input_ids.numel()} positions "
+              f"({plain.ar.input_ids.shape[0]} -> {packed.ar.input_ids.shape[0]} rows) for {tokens} tokens")
         m = module(base)
         variants = [Variant("unpacked", m, plain), Variant("packed", m, packed)]
     print(f"preset {args.preset}, device {device}, {dtype}, batch {args.batch} ({rows}), {tokens} LLM tokens per "

@@ -6,7 +6,7 @@
 Time sampling: logit-normal (SD3; symmetric, so the same under t -> 1 - t) or uniform.
 
     t = sample_t(batch, generator=g)              # [B] in (0, 1)
-    z_t, v = interpolate(x1, x0, t)
+    z_t, v = noisy_latents(x1, t, noise_seed)    # x0 ~ N(0, I) drawn from the seed; fp32
     loss = rf_loss(v_pred, v)
 """
 
@@ -29,6 +29,13 @@ def interpolate(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> tuple[to
     """x1, x0 [B, ...], t [B] -> (z_t, target velocity x1 - x0)."""
     tt = t.view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
     return tt * x1 + (1 - tt) * x0, x1 - x0
+
+
+def noisy_latents(x1: torch.Tensor, t: torch.Tensor, noise_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x1 [B, C, h, w], t [B] -> (z_t, target velocity), both fp32, with x0 ~ N(0, I) drawn on the CPU from
+    ``noise_seed`` (the same noise on any device and for any batch placement)."""
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(noise_seed)).to(x1.device)
+    return interpolate(x1.float(), x0, t.float())
 
 
 def rf_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor:

@@ -1,35 +1,50 @@
-"""Image grids with captions, for sample PNGs written during training and by tools/sample.py."""
+"""Image grids with captions: the sample PNGs written during training and by tools/sample.py (the same layout, so
+a training grid at seed S and ``tools/sample.py --seed S`` give the same picture).
+
+    grid = labelled_grid(images, prompts, cols=4)     # a row per label, ``cols`` images each
+"""
 
 from __future__ import annotations
 
-import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 
-def image_grid(images: list[Image.Image], labels: list[str] | None = None, cols: int = 4,
-               cell: int = 128, label_lines: int = 2) -> Image.Image:
-    """Tile images (upscaled to ``cell`` px, nearest) with up to ``label_lines`` of text under each."""
+def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], cols: int, label_width: int = 240,
+                  min_tile: int = 128) -> Image.Image:
+    """Rows of ``cols`` images, each row headed by its label (e.g. the prompt); small images are enlarged."""
+    scale = max(1, -(-min_tile // images[0].height))
+    w, h = images[0].width * scale, images[0].height * scale
     font = ImageFont.load_default()
-    line_h = 11
-    text_h = line_h * label_lines + 4 if labels else 0
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    grid = Image.new("RGB", (label_width + cols * w, len(labels) * h), "white")
     draw = ImageDraw.Draw(grid)
-    chars = max(8, cell // 6)
-    for i, img in enumerate(images):
-        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
-        if labels:
-            for j, line in enumerate(textwrap.wrap(labels[i], chars)[:label_lines]):
-                draw.text((x + 2, y + cell + 2 + j * line_h), line, fill="black", font=font)
+    for r, label in enumerate(labels):
+        text = _wrap(draw, label, font, label_width - 8, max_lines=max(1, (h - 8) // 14))
+        draw.multiline_text((4, r * h + 4), text, fill="black", font=font)
+        for c in range(cols):
+            tile = images[r * cols + c].resize((w, h), Image.Resampling.NEAREST)
+            grid.paste(tile, (label_width + c * w, r * h))
     return grid
 
 
-def save_grid(images: list[Image.Image], path: str | Path, labels: list[str] | None = None, cols: int = 4,
-              cell: int = 128) -> Path:
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int) -> str:
+    """Greedy word wrap to ``width`` pixels; the last kept line ends in "..." when text is cut."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += " ..."
+    return "\n".join(lines)
+
+
+def save_labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], path: str | Path, cols: int = 1) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, labels, cols, cell).save(path)
+    labelled_grid(images, labels, cols).save(path)
     return path

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from janusflow.data.transforms import und_pixels
 from janusflow.export import read_processor_config
 from janusflow.models.codec import LatentCodec
 from janusflow.models.janusflow import JanusFlow
 from janusflow.models.official_format import read_model_config
-from janusflow.models.und_inputs import num_und_tokens, und_encoder_inputs, und_pixels, uses_vae
+from janusflow.models.und_inputs import num_und_tokens, und_encoder_inputs
 from janusflow.sampling import SOLVERS, generate_text, sample_latents, to_uint8
 from janusflow.tokenizer import (
     TOKENIZER_FILE,
@@ -96,7 +97,7 @@ def load_pipeline(model_dir: str | Path, vae_dir: str | Path | None = None, devi
         raise PipelineError(f"{path} has no tokenizer ({TOKENIZER_FILE} or HF tokenizer files)")
     dtype = parse_dtype(dtype, device)
     codec = None
-    if load_vae or uses_vae(read_model_config(path)):
+    if load_vae or read_model_config(path).und_uses_vae:
         vae = read_vae(resolve_vae_dir(path, vae_dir))
         # The SDXL-VAE overflows in float16 (the official demo notes it); decode it in float32 then.
         codec = LatentCodec(vae).to(device, torch.float32 if dtype == torch.float16 else dtype)
@@ -155,37 +156,6 @@ def load_image(path: str | Path) -> Image.Image:
     except (OSError, UnidentifiedImageError) as e:
         reason = e.strerror if getattr(e, "strerror", None) else "not a readable image"
         raise PipelineError(f"cannot read image {path}: {reason}") from None
-
-
-def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], cols: int, label_width: int = 240,
-                  min_tile: int = 128) -> Image.Image:
-    """Rows of ``cols`` images, each row headed by its label (e.g. the prompt); small images are enlarged."""
-    scale = max(1, -(-min_tile // images[0].height))
-    w, h = images[0].width * scale, images[0].height * scale
-    font = ImageFont.load_default()
-    grid = Image.new("RGB", (label_width + cols * w, len(labels) * h), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, label in enumerate(labels):
-        text = _wrap(draw, label, font, label_width - 8, max_lines=max(1, (h - 8) // 14))
-        draw.multiline_text((4, r * h + 4), text, fill="black", font=font)
-        for c in range(cols):
-            tile = images[r * cols + c].resize((w, h), Image.Resampling.NEAREST)
-            grid.paste(tile, (label_width + c * w, r * h))
-    return grid
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int) -> str:
-    """Greedy word wrap to ``width`` pixels; the last kept line ends in "..." when text is cut."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] += f" {word}"
-        else:
-            lines.append(word)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] += " ..."
-    return "\n".join(lines)
 
 
 def slug(text: str, max_len: int = 48) -> str:
@@ -256,7 +226,7 @@ class Pipeline:
     def num_und_tokens(self) -> int:
         """Image placeholders per understanding image."""
         cfg = self.model.config
-        return num_und_tokens(cfg, self.latent_shape()[1:] if uses_vae(cfg) else None)
+        return num_und_tokens(cfg, self.latent_shape()[1:] if cfg.und_uses_vae else None)
 
     def und_encoder_inputs(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> the model's understanding input on its device (janusflow.models.und_inputs)."""

@@ -38,3 +38,10 @@ def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch
 def tiny_model() -> JanusFlow:
     torch.manual_seed(0)
     return randomize(JanusFlow(model_config("tiny"))).eval()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """The prep artefacts of this test in its own folder (JANUSFLOW_CACHE)."""
+    monkeypatch.setenv("JANUSFLOW_CACHE", str(tmp_path / "_cache"))
+    return tmp_path / "_cache"

@@ -17,8 +17,8 @@ from janusflow.models.codec import LatentCodec
 from janusflow.models.janusflow import JanusFlow
 from janusflow.models.und_inputs import num_und_tokens, und_encoder_inputs
 from janusflow.tokenizer import ByteTokenizer
+from janusflow.train.losses import TrainModule
 from janusflow.train.stages import apply_freeze_policy
-from janusflow.train.trainer import TrainModule
 from tests.conftest import randomize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,11 +135,9 @@ def _vae_batch(kind: str, tmp_path: Path):
                "text": [open_source(f"{data}/text_train.jsonl", "text_jsonl")]}
     stream = MixtureStream(sources, builder, MixtureSchedule([MixturePhase(und=1, gen=2, text=1)]), seed=0,
                            cfg_drop_prob=0.1, time_cfg=TimeSamplingConfig())
-    batch = next(stream.micro_batches(0, 8, 8))
-    batch.gen["latents"] = codec.encode(batch.gen.pop("images"))
-    batch.gen["noise"] = torch.randn_like(batch.gen["latents"])
-    batch.ar["pixel_values"] = und_encoder_inputs(batch.ar["pixel_values"], recipe.model, codec)
-    assert batch.ar["pixel_values"].shape[1] == codec.latent_channels
+    batch = next(stream.micro_batches(0, 8, 8)).to_device(torch.device("cpu"), torch.float32, codec, recipe.model)
+    assert batch.ar.encoder_inputs.shape[1] == codec.latent_channels  # the VAE latents of the und images
+    assert batch.gen.latents.shape[1] == codec.latent_channels and batch.gen.crops.dtype == torch.uint8
     return batch
 
 
@@ -194,9 +192,11 @@ def test_ablation_recipes_differ_from_f_only_in_their_ablation():
         "b": {"model.und_encoder_kind": ("siglip", "shared_gen")},
         "c": {"model.und_encoder_kind": ("siglip", "separate_gen")},
         "d": {"stages.0.mixture.0.gen": (50.0, 0.0), "stages.1.mixture.0.gen": (50.0, 0.0),
-              "stages.1.mixture.1.gen": (80.0, 0.0)},
+              "stages.1.mixture.1.gen": (80.0, 0.0), "stages.0.max_steps": (100, 50), "stages.1.max_steps": (600, 138),
+              "stages.1.mixture.0.until_step": (60, 30)},
         "e": {"stages.0.mixture.0.und": (50.0, 0.0), "stages.1.mixture.0.und": (30.0, 0.0),
-              "stages.1.mixture.1.und": (20.0, 0.0)},
+              "stages.1.mixture.1.und": (20.0, 0.0), "stages.0.max_steps": (100, 50), "stages.1.max_steps": (600, 474),
+              "stages.1.mixture.0.until_step": (60, 42)},
     }
     for arm, diff in expected.items():
         other = to_dict(load_recipe(f"ablation-{arm}"))
@@ -204,6 +204,19 @@ def test_ablation_recipes_differ_from_f_only_in_their_ablation():
         assert got == diff, arm
     assert f["model"]["und_encoder_kind"] == "siglip" and f["train"]["repa"]["weight"] > 0
     assert f["prep"]["siglip_steps"] > 0 and [s["policy"] for s in f["stages"]] == ["stage1", "stage2"]
+
+
+def test_single_task_arms_see_exactly_fs_data_of_their_task():
+    """D and E are data-matched as in the paper: fewer steps, so each sees F's amount of its own task."""
+    from janusflow.data.mixture import MixtureSchedule
+
+    def seen(arm: str) -> list[dict[str, float]]:
+        return [MixtureSchedule(s.mixture).expected_samples(s.max_steps, s.batch_size)
+                for s in load_recipe(f"ablation-{arm}").stages]
+
+    f, d, e = seen("f"), seen("d"), seen("e")
+    for stage_f, stage_d, stage_e in zip(f, d, e):
+        assert stage_d == {**stage_f, "gen": 0.0} and stage_e == {**stage_f, "und": 0.0}
 
 
 def test_arm_setups_name_the_paper_columns(tmp_path):

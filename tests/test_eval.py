@@ -120,8 +120,7 @@ def test_rf_val_loss_does_not_depend_on_batching_and_fd_of_real_images_with_them
     pieces = metrics.rf_val_loss(pipe.model, latents, ids, mask, noise, batch_size=3)
     assert whole == pytest.approx(pieces, rel=1e-5)
     und = pipe.model.config.und_encoder
-    feats = metrics.encoder_features(pipe.model.vision_und_enc_model, held_out.images, und.image_size,
-                                     und.image_mean, und.image_std)
+    feats = metrics.encoder_features(pipe.model.vision_und_enc_model, held_out.images, und)
     assert feats.shape == (10, und.width)
     assert abs(metrics.frechet_distance_of(feats, feats)) < 1e-6
 

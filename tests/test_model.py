@@ -36,6 +36,8 @@ OFFICIAL_SHAPES = {
     "vision_gen_dec_model.input_norm.weight": (768,),
     "language_model.model.embed_tokens.weight": (102400, 2048),
     "language_model.model.layers.23.self_attn.q_proj.weight": (2048, 2048),
+    "language_model.model.layers.0.mlp.gate_proj.weight": (5632, 2048),  # DeepSeek-LLM-1.3B's width (facts §1.1)
+    "language_model.model.layers.0.mlp.down_proj.weight": (2048, 5632),
     "language_model.model.norm.weight": (2048,),
     "language_model.lm_head.weight": (102400, 2048),
     "vision_gen_dec_aligner_norm.weight": (2048,),

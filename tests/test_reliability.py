@@ -11,6 +11,7 @@ import errno
 import importlib.util
 import io
 import json
+import random
 import shutil
 import struct
 import subprocess
@@ -239,20 +240,21 @@ def test_truncated_zero_size_and_odd_mode_images(tmp_path):
     assert ds[list(cases).index("palette.png")].image.getpixel((0, 0)) == (10, 200, 30)  # its colour, not an index
 
 
-def test_long_texts_are_truncated_and_counted():
+def test_long_captions_and_conversations_are_truncated_and_long_texts_chunked():
     cfg = load_recipe("tiny")  # max_text_len 64, max_seq_len 256
     tok = ByteTokenizer()
     builder = SampleBuilder(tok, cfg.model, cfg.data, "", 16)
     img = Image.new("RGB", (32, 32), "red")
-    short = builder.gen(CaptionRecord(img, "a red circle"), None, center_crop=True)
-    assert builder.stats == {} and tok.decode(short["ids"]).endswith("a red circle\n\nAssistant:")
-    long = builder.gen(CaptionRecord(img, "x" * 500), None, center_crop=True)
-    assert builder.stats == {"truncated_caption": 1} and tok.decode(long["ids"]).count("x") == 64
-    text = builder.text(TextRecord("y" * 500))
-    assert builder.stats["truncated_text"] == 1 and len(text["ids"]) == 64 + 2
+    short = builder.gen(CaptionRecord(img, "a red circle"), random.Random(0), center_crop=True, drop_prob=0.0)
+    assert builder.stats == {} and tok.decode(short.prompt_ids).endswith("a red circle\n\nAssistant:")
+    long = builder.gen(CaptionRecord(img, "x" * 500), random.Random(0), center_crop=True,
+                       drop_prob=0.0)
+    assert builder.stats == {"truncated_caption": 1} and tok.decode(long.prompt_ids).count("x") == 64
+    text = builder.text(TextRecord("y" * 500), random.Random(0))
+    assert builder.stats["truncated_text"] == 1 and len(text[0].ids) == 64 + 2
     conv = builder.und(ConversationRecord(img, [("user", "what?"), ("assistant", "z" * 500)]))
-    assert builder.stats["truncated_conversation"] == 1 and len(conv["ids"]) == len(conv["labels"]) == 256
-    assert conv["ids"].count(tok.image_id) == 16 and conv["ids"].count(tok.boi_id) == 1  # the image block is whole
+    assert builder.stats["truncated_conversation"] == 1 and len(conv.ids) == len(conv.labels) == 256
+    assert conv.ids.count(tok.image_id) == 16 and conv.ids.count(tok.boi_id) == 1  # the image block is whole
     with pytest.raises(ValueError, match="data.max_seq_len=20 is too short: .* 16 image tokens"):
         SampleBuilder(tok, cfg.model, load_recipe("tiny", ["data.max_seq_len=20"]).data, "", 16)
 
@@ -264,7 +266,7 @@ def test_empty_conversations_are_skipped_and_counted_by_reason(tmp_path):
     (tmp_path / "und.json").write_text(json.dumps(entries))
     stream = stream_over({"und": [LlavaJsonSource(tmp_path / "und.json")]}, MixturePhase(und=1, gen=0, text=0))
     batch = next(stream.micro_batches(0, 8, 8))
-    assert batch.ar["input_ids"].shape[0] == 8 and stream.stats["und_ok"] == 8
+    assert batch.ar.input_ids.shape[0] == 8 and stream.stats["und_ok"] == 8
     assert stream.stats["und_skipped"] == stream.stats["und_empty_conversation"] > 0
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from janusflow.config import CodecConfig, load_recipe, model_config
 from janusflow.data.shapes import write_shapes_dataset
+from janusflow.data.transforms import siglip_view
 from janusflow.eval import runner
 from janusflow.eval.siglip_score import SigLIPJudge
 from janusflow.export import export_model
@@ -28,8 +29,9 @@ def _trained_judge(tmp_path) -> SigLIPJudge:
     und = load_recipe("tiny").model.und_encoder
     images = [Image.new("RGB", (und.image_size, und.image_size), c) for c in COLOURS.values()]
     x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
-    tower, text_side, losses = prep.train_siglip(prep._und_pixels(x, und), [f"a {c} picture" for c in COLOURS], und,
-                                                 steps=80, batch_size=8, lr=3e-3)
+    captions = [f"a {c} picture" for c in COLOURS]
+    tower, text_side, losses = prep.train_siglip(siglip_view((x + 1) / 2, und), captions, und, steps=80, batch_size=8,
+                                                 lr=3e-3)
     assert losses[-1] < losses[0] / 5
     tmp_path.mkdir(parents=True, exist_ok=True)
     prep.save_siglip(tmp_path, tower, text_side, und, losses)

@@ -3,13 +3,11 @@ image modes converted, and the generation / understanding transforms."""
 
 import io
 import json
-import random
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from janusflow.data import shapes as S
@@ -22,9 +20,7 @@ from janusflow.data.sources import (
     TextRecord,
     WebDatasetSource,
     expand_braces,
-    gen_transform,
     open_source,
-    und_transform,
 )
 
 
@@ -306,46 +302,3 @@ def test_caption_source_default_image_root_is_the_files_folder(tmp_path):
     write_images(tmp_path / "d" / "imgs")
     (tmp_path / "d" / "caps.jsonl").write_text(json.dumps({"image": "imgs/good.png", "text": "t"}) + "\n")
     assert CaptionJsonlSource(tmp_path / "d" / "caps.jsonl")[0].caption == "t"
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-def test_gen_transform_resizes_the_short_side_and_crops():
-    img = Image.fromarray(np.tile(np.linspace(0, 255, 200, dtype=np.uint8)[None, :, None], (100, 1, 3)))
-    a = gen_transform(img, 64, random.Random(0))
-    b = gen_transform(img, 64, random.Random(0))
-    assert a.shape == (3, 64, 64) and a.dtype == torch.float32 and torch.equal(a, b)
-    assert -1.0 <= a.min() and a.max() <= 1.0
-    crops = {round(float(gen_transform(img, 64, random.Random(s))[0, 0, 0]), 3) for s in range(20)}
-    assert len(crops) > 5  # the horizontal crop offset varies (short side 100 -> 64, long side 200 -> 128)
-    centre = gen_transform(img, 64, None)
-    assert float(centre[0, 0, 32]) == pytest.approx(0.0, abs=0.03)  # middle of a 0..255 ramp is 0 in [-1, 1]
-    solid = gen_transform(Image.new("RGB", (20, 30), (255, 0, 0)), 32, random.Random(1))
-    assert solid.shape == (3, 32, 32)
-    assert torch.allclose(solid, torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 32, 32), atol=1e-6)
-
-
-def test_und_transform_pads_with_the_mean_colour():
-    wide = Image.new("RGB", (64, 32), (255, 0, 0))
-    x = und_transform(wide, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert x.shape == (3, 32, 32)
-    # resized to 32 x 16 and centred: rows 0-7 and 24-31 are padding of colour int(0.5 * 255) = 127
-    pad = (127 / 255 - 0.5) / 0.5
-    assert torch.allclose(x[:, :8], torch.full((3, 8, 32), pad)) and torch.allclose(
-        x[:, 24:], torch.full((3, 8, 32), pad)
-    )
-    assert torch.allclose(x[:, 8:24], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 32), atol=1e-6)
-
-    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    tall = Image.new("RGB", (10, 40), (0, 0, 0))
-    y = und_transform(tall, 40, mean, std)
-    background = torch.tensor([int(m * 255) / 255 for m in mean])
-    expected = (background - torch.tensor(mean)) / torch.tensor(std)
-    assert torch.allclose(y[:, :, 0], expected.view(3, 1).expand(3, 40), atol=1e-6)  # left padding column
-    assert torch.allclose(y[:, 20, 20], -torch.tensor(mean) / torch.tensor(std), atol=1e-6)  # black image centre
-
-    square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
-    z = und_transform(square, 48)
-    ref = torch.from_numpy(np.asarray(square).astype(np.float32) / 255).permute(2, 0, 1) * 2 - 1
-    assert torch.allclose(z, ref, atol=1e-6)

@@ -9,19 +9,15 @@ import pytest
 import torch
 
 from janusflow.config import CodecConfig, MixturePhase, TimeSamplingConfig, load_recipe
+from janusflow.data.batch import Batch
 from janusflow.data.latent_cache import build_latent_cache, build_repa_cache, weights_digest
-from janusflow.data.mixture import Batch, MixtureSchedule, MixtureStream, SampleBuilder
+from janusflow.data.mixture import MixtureSchedule, MixtureStream, SampleBuilder
 from janusflow.data.sources import open_source
+from janusflow.data.transforms import siglip_view
 from janusflow.models.codec import LatentCodec
 from janusflow.tokenizer import ByteTokenizer
-from janusflow.train.trainer import TrainModule
+from janusflow.train.losses import TrainModule
 from tests.test_training import losses, read_metrics, run_tiny
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("JANUSFLOW_CACHE", str(tmp_path / "_cache"))
-    return tmp_path / "_cache"
 
 
 def _sources(tmp_path: Path) -> dict:
@@ -54,17 +50,14 @@ def test_cached_repa_targets_equal_the_live_siglip_features(tmp_path, tiny_model
     phase = MixturePhase(und=0, gen=1, text=0)
     live = next(_stream(sources, phase, latent_cache=latents).micro_batches(3, 8, 8)).gen
     cached = next(_stream(sources, phase, latent_cache=latents, repa_cache=feats).micro_batches(3, 8, 8)).gen
-    assert "repa_feats" not in live and "repa_pixels" not in cached
+    assert live.repa_targets is None and live.crops is not None and cached.crops is None
     with torch.no_grad():
-        target = tiny_model.vision_und_enc_model(live["repa_pixels"])
+        target = tiny_model.vision_und_enc_model(siglip_view(live.crops, und))
     assert (target[0] - target[1]).abs().max() > 1e-2  # features that depend on the image
-    torch.testing.assert_close(cached["repa_feats"], target, rtol=1e-3, atol=1e-5)  # fp16 storage
+    torch.testing.assert_close(cached.repa_targets, target, rtol=1e-3, atol=1e-5)  # fp16 storage
     # The REPA loss barely moves; everything else is bit-identical.
     module = TrainModule(tiny_model.train(), repa_weight=1.0, repa_layer=1, repa_hidden=16)
-    outs = []
-    for gen in (live, cached):
-        gen["noise"] = torch.randn(gen["latents"].shape, generator=torch.Generator().manual_seed(1))
-        outs.append(module(Batch(size=8, gen=gen)))
+    outs = [module(Batch(size=8, gen=gen)) for gen in (live, cached)]
     assert outs[0]["loss_rf"] == outs[1]["loss_rf"]
     assert abs(outs[0]["loss_repa"] - outs[1]["loss_repa"]) < 1e-4
     # Another encoder (any weight changed) gets another cache key.
@@ -75,11 +68,11 @@ def test_cached_repa_targets_equal_the_live_siglip_features(tmp_path, tiny_model
 
 
 def test_trainer_caches_repa_targets_only_while_siglip_is_frozen(tmp_path, cache, monkeypatch):
-    from janusflow.train.trainer import Trainer
+    from janusflow.train.data_setup import RunData
 
     used = []
-    real = Trainer.repa_cache
-    monkeypatch.setattr(Trainer, "repa_cache", lambda self, model: used.append(real(self, model)) or used[-1])
+    real = RunData.repa_targets
+    monkeypatch.setattr(RunData, "repa_targets", lambda *args: used.append(real(*args)) or used[-1])
     run_tiny(tmp_path / "cached")
     assert [c is not None for c in used] == [True, True, False]  # stage 3 trains SigLIP: live targets
     assert len(list(cache.glob("repa-*.pt"))) == 1  # stages 1 and 2 share the frozen tower's cache
@@ -101,16 +94,14 @@ def _mixed_batch(tmp_path: Path) -> Batch:
     torch.manual_seed(0)
     codec = LatentCodec.from_config(CodecConfig(preset="tiny"))
     with torch.no_grad():
-        batch.gen["latents"] = codec.encode(batch.gen.pop("images"))
-    batch.gen["noise"] = torch.randn(batch.gen["latents"].shape, generator=torch.Generator().manual_seed(0))
-    return batch
+        return batch.to_device(torch.device("cpu"), torch.float32, codec)
 
 
 def _tiny_module(policy: str = "stage3", **speed) -> TrainModule:
     from janusflow.config import model_config
     from janusflow.models.janusflow import JanusFlow
+    from janusflow.train.optim import apply_speed_options
     from janusflow.train.stages import apply_freeze_policy
-    from janusflow.train.trainer import apply_speed_options
     from tests.conftest import randomize
 
     model = JanusFlow(model_config("tiny"))
@@ -161,9 +152,7 @@ def test_compiled_gen_encoder_decoder_give_the_eager_losses(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     mixed = _mixed_batch(tmp_path)
-    ar_only = Batch(size=2, ar={k: v[:2] if isinstance(v, torch.Tensor) and k != "pixel_values" else v
-                                for k, v in mixed.ar.items()})
-    ar_only.ar["pixel_values"] = mixed.ar["pixel_values"][: int(mixed.ar["is_und"][:2].sum())]
+    ar_only = Batch(size=mixed.size, ar=mixed.ar)  # no gen rows: the generation path runs on its placeholder
     results = []
     for compiled in (False, True):
         module = _tiny_module(compile=compiled)
@@ -225,17 +214,17 @@ def test_llm_uses_sdpa_by_default_and_flash_attention_is_selectable(tiny_model, 
 
 
 def _assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
+    import dataclasses
+
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x.size == y.size and x.counts == y.counts
         for part in ("ar", "gen"):
             dx, dy = getattr(x, part), getattr(y, part)
             assert (dx is None) == (dy is None)
-            for k in dx or {}:
-                if isinstance(dx[k], torch.Tensor):
-                    assert torch.equal(dx[k], dy[k]), (part, k)
-                else:
-                    assert dx[k] == dy[k], (part, k)
+            for f in dataclasses.fields(dx) if dx is not None else ():
+                u, v = getattr(dx, f.name), getattr(dy, f.name)
+                assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v, (part, f.name)
 
 
 def test_data_workers_give_the_same_batches_and_counters(tmp_path):
@@ -271,55 +260,11 @@ def test_trainer_with_data_workers_resumes_exactly(tmp_path, cache):
 # ----------------------------------------------------------------------------- sequence packing
 
 
-def test_pack_rows_first_fit_decreasing():
-    from janusflow.data.mixture import pack_rows
-
-    assert pack_rows([5, 2, 9, 4, 3]) == [[2], [0, 3], [4, 1]]
-    lengths = [7, 1, 1, 7, 3, 3, 2]
-    rows = pack_rows(lengths)
-    assert sorted(i for r in rows for i in r) == list(range(7)) and len(rows) == 4  # 24 tokens, width 7
-    assert all(sum(lengths[i] for i in r) <= 7 for r in rows)
-
-
-def test_packed_rows_give_the_unpacked_losses_and_gradients(tmp_path):
-    sources = _sources(tmp_path)
-    phase = MixturePhase(und=1, gen=0, text=2)
-    plain = next(_stream(sources, phase).micro_batches(0, 16, 16))
-    packed = next(_stream(sources, phase, packing=True).micro_batches(0, 16, 16))
-    ar, par = plain.ar, packed.ar
-    n_und = int(ar["is_und"].sum())
-    assert 0 < n_und < 16 and par["attention_mask"] is None
-    assert par["input_ids"].shape[0] <= 8 and par["input_ids"].shape[1] == ar["input_ids"].shape[1]
-    assert (par["sample_index"] >= 0).sum() == (ar["sample_index"] >= 0).sum()  # the same tokens, less padding
-    # Every sample's logits are the ones it gets alone in its own row: attention, positions and images
-    # stay per sample.
-    model = _tiny_module().model
-    with torch.no_grad():
-        logits = [model.language_model(
-            inputs_embeds=model.und_inputs_embeds(a["input_ids"], a["pixel_values"], a["image_seq_mask"]),
-            attention_mask=a["attention_mask"], position_ids=a.get("position_ids"), use_cache=False).logits
-            for a in (ar, par)]
-    for i in range(16):
-        torch.testing.assert_close(logits[1][par["sample_index"] == i], logits[0][ar["sample_index"] == i],
-                                   rtol=0, atol=1e-6)
-    runs = []
-    for batch in (plain, packed):
-        module = _tiny_module()
-        out = module(batch)
-        out["loss"].backward()
-        runs.append((out, _grads(module)))
-    (a, ga), (b, gb) = runs
-    assert a.keys() == b.keys() == {"loss", "loss_und", "loss_text"}
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
-    for k in ga:
-        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6, msg=k)
-
-
 def test_trainer_with_packing_matches_unpacked(tmp_path, cache):
+    """data.pack_length with the batch counted in samples: the same samples, packed; the same losses."""
     common = ["stages.0.max_steps=3", "stages.0.policy=stage3", "stages.0.mixture.0.text=50"]
     run_tiny(tmp_path / "plain", common, stop_after=3)
-    run_tiny(tmp_path / "packed", [*common, "data.packing=true"], stop_after=3)
+    run_tiny(tmp_path / "packed", [*common, "data.pack_length=512"], stop_after=3)
     a, b = (losses(read_metrics(tmp_path / d), "adaptation") for d in ("plain", "packed"))
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:

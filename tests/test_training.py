@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -16,8 +17,8 @@ from janusflow.data.mixture import MixtureSchedule, MixtureStream, SampleBuilder
 from janusflow.data.sources import open_source
 from janusflow.models.janusflow import JanusFlow
 from janusflow.tokenizer import ByteTokenizer
+from janusflow.train.losses import TrainModule
 from janusflow.train.stages import NEW_PARTS, apply_freeze_policy
-from janusflow.train.trainer import TrainModule
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +30,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(rows: list[dict], stage: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["stage"] == stage}
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("JANUSFLOW_CACHE", str(tmp_path / "_cache"))
-    return tmp_path / "_cache"
 
 
 def run_tiny(run_dir: Path, overrides=(), stop_after=None, resume="auto"):
@@ -91,9 +86,7 @@ def _mixed_batch():
     from janusflow.models.codec import LatentCodec, vae_config
 
     codec = LatentCodec(AutoencoderKL.from_config(vae_config("tiny")))
-    batch.gen["latents"] = codec.encode(batch.gen.pop("images"))
-    batch.gen["noise"] = torch.randn_like(batch.gen["latents"])
-    return batch
+    return batch.to_device(torch.device("cpu"), torch.float32, codec)
 
 
 # ----------------------------------------------------------------------------- REPA
@@ -105,7 +98,7 @@ def test_repa_off_computes_no_projector_and_no_siglip_pass(tiny_model):
     tiny_model.vision_und_enc_model.register_forward_hook(lambda *a: calls.append(1))
     off = TrainModule(tiny_model, repa_weight=0.0, repa_layer=1, repa_hidden=16)
     assert off.projector is None and not any("projector" in n for n, _ in off.named_parameters())
-    assert batch.ar["pixel_values"] is not None
+    assert batch.ar.images is not None
     out = off(batch)
     assert "loss_repa" not in out and len(calls) == 1  # only the understanding forward
     calls.clear()
@@ -113,20 +106,32 @@ def test_repa_off_computes_no_projector_and_no_siglip_pass(tiny_model):
     out = on(batch)
     assert len(calls) == 2 and -1.0 <= out["loss_repa"].item() <= 1.0
     expected = out["loss_rf"] + out["loss_repa"]
-    gen_share = batch.gen["latents"].shape[0] / batch.size
-    und_share = int(batch.ar["is_und"].sum()) / batch.size
+    gen_share = batch.gen.latents.shape[0] / batch.size
+    und_share = int(batch.ar.is_und.sum()) / batch.size
     text_share = 1 - gen_share - und_share
     total = gen_share * expected + und_share * out["loss_und"] + text_share * out["loss_text"]
     torch.testing.assert_close(out["loss"], total)
 
 
 def test_repa_off_stream_prepares_no_repa_targets(tmp_path):
-    on = next(_stream(tmp_path / "on", [MixturePhase(und=1, gen=2, text=1)]).micro_batches(0, 8, 8))
-    off = next(_stream(tmp_path / "off", [MixturePhase(und=1, gen=2, text=1)], repa=False).micro_batches(0, 8, 8))
-    assert "repa_pixels" in on.gen and not {"repa_pixels", "repa_feats"} & set(off.gen)
-    for key in on.gen.keys() - {"repa_pixels"}:  # everything else is the same batch
-        a, b = on.gen[key], off.gen[key]
-        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+    import dataclasses
+
+    from janusflow.data.latent_cache import build_latent_cache
+    from janusflow.models.codec import LatentCodec, vae_config
+
+    phases = [MixturePhase(und=1, gen=2, text=1)]
+    _stream(tmp_path, phases)  # writes the dataset
+    codec = LatentCodec(AutoencoderKL.from_config(vae_config("tiny")))
+    cache = build_latent_cache([open_source(tmp_path / "shapes" / "gen_train.jsonl", "caption_jsonl")], codec, 32,
+                               [tmp_path / "latents.pt"])
+    on = next(_stream(tmp_path, phases, latent_cache=cache).micro_batches(0, 8, 8))
+    off = next(_stream(tmp_path, phases, latent_cache=cache, repa=False).micro_batches(0, 8, 8))
+    assert on.gen.crops is not None  # REPA's live target needs the images
+    assert off.gen.crops is None and off.gen.repa_targets is None  # the cached latents are all it needs
+    for f in dataclasses.fields(on.gen):
+        if f.name != "crops":  # everything else is the same batch
+            a, b = getattr(on.gen, f.name), getattr(off.gen, f.name)
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, f.name
 
 
 # ----------------------------------------------------------------------------- mixture
@@ -158,9 +163,9 @@ def test_stream_is_deterministic_and_rank_split_covers_the_global_batch(tmp_path
         assert a.counts == b.counts
         for part in ("ar", "gen"):
             if getattr(a, part) is not None:
-                for k, v in getattr(a, part).items():
+                for k, v in vars(getattr(a, part)).items():
                     if isinstance(v, torch.Tensor):
-                        assert torch.equal(v, getattr(b, part)[k]), k
+                        assert torch.equal(v, getattr(getattr(b, part), k)), k
     with pytest.raises(ValueError, match="divisible"):
         list(stream.micro_batches(0, 6, 4))
 
@@ -170,11 +175,11 @@ def test_cfg_drop_keeps_only_bos_visible(tmp_path):
     tok = ByteTokenizer()
     batch = next(stream.micro_batches(0, 16, 16))
     gen = batch.gen
-    visible = gen["prefix_mask"].sum(1)
+    visible = gen.prompt_mask.sum(1)
     dropped = visible == 1
     assert 0 < dropped.sum() < 16
     for row in torch.nonzero(dropped).flatten():
-        ids = gen["prefix_ids"][row][gen["prefix_mask"][row].bool()]
+        ids = gen.prompt_ids[row][gen.prompt_mask[row].bool()]
         assert ids.tolist() == [tok.bos_id]
 
 
@@ -190,7 +195,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
     stream = _stream(tmp_path, [MixturePhase(und=0, gen=1, text=0)], gen_path=str(path))
     batch = next(stream.micro_batches(0, 8, 8))
-    assert batch.gen["images"].shape[0] == 8
+    assert batch.gen.crops.shape[0] == 8 and batch.gen.latents is None
     assert stream.stats["gen_skipped"] > 0 and stream.stats["gen_ok"] == 8
     src = stream.sources["gen"][0]
     assert src.stats["bad_json"] > 0 and src.stats["bad_image"] > 0 and src.stats["missing_file"] > 0
@@ -228,9 +233,10 @@ def test_cached_gen_records_are_not_decoded_and_give_the_same_batches(tmp_path, 
     full, full_batches = batches(repa=True)  # REPA without its cache needs the pixels: records are read in full
     assert len(decoded) > 0
     for a, b in zip(lean_batches, full_batches):
-        assert "images" not in a and "repa_pixels" in b
-        for key in ("prefix_ids", "prefix_mask", "latents", "t", "noise_seed"):
-            assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
+        assert a.crops is None and b.crops is not None
+        for key in ("prompt_ids", "prompt_mask", "latents", "t", "noise_seed"):
+            u, v = getattr(a, key), getattr(b, key)
+            assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v, key
     assert lean.stats == full.stats and lean.stats["gen_missing_file"] > 0
     assert lean.sources["gen"][0].stats == full.sources["gen"][0].stats  # caption-only reads count as "ok" too
 
@@ -301,6 +307,16 @@ def test_tiny_recipe_runs_all_stages_and_exports(tmp_path, cache):
     assert not torch.equal(model.vision_gen_dec_aligner.weight, raw.vision_gen_dec_aligner.weight)  # EMA != raw
     assert len(list((run / "samples").glob("*.png"))) == 3
     assert list((run / "wandb").glob("offline-run-*"))
+    # The last grid (the final EMA weights, the export's) shows what tools/sample.py draws at the grid's seed.
+    lg = load_recipe("tiny").logging
+    cmd = [sys.executable, str(ROOT / "tools" / "sample.py"), "--model", str(export), "--seed", str(lg.sample_seed),
+           "--steps", str(lg.sample_steps), "--cfg", str(lg.sample_cfg), "--out", str(tmp_path / "cli")]
+    for prompt in lg.sample_prompts:
+        cmd += ["--prompt", prompt]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grid = np.asarray(Image.open(run / "samples" / "3-sft-step000002.png"))
+    assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "cli" / f"grid-seed{lg.sample_seed}.png")))
     # Running again finds every stage complete and does no training.
     run_tiny(run)
     assert len(read_metrics(run)) == len(rows)
@@ -325,13 +341,15 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, cache):
 def test_grad_clip_bounds_the_update_and_the_norm_is_logged_before_clipping(tmp_path, cache):
     """One fp32 rank, where the trainer clips instead of DeepSpeed: gradients clipped to a norm of 1e-12 lie far
     below Adam's eps, so the weights barely move, while unclipped Adam moves them by about the LR."""
+    from janusflow.train.distributed import EnginePolicy
     from janusflow.train.trainer import Trainer
 
     def first_update(clip: float) -> tuple[float, float]:
         recipe = load_recipe("tiny", [f"run_dir={tmp_path / str(clip)}", "stages.0.max_steps=1",
                                       "stages.1.max_steps=1", "stages.2.max_steps=1", f"train.grad_clip={clip}"])
+        policy = EnginePolicy.of(recipe.train, 1, torch.float32)
+        assert policy.clips_itself and policy.engine_config(recipe.stages[0], 1, clip, False)["gradient_clipping"] == 0
         trainer = Trainer(recipe)
-        assert trainer.clips_itself and trainer._ds_config(recipe.stages[0])["gradient_clipping"] == 0.0
         trainer.run()
         init, _ = trainer.build_model(0, recipe.stages[0])
         after = JanusFlow.from_pretrained(trainer.stage_dir(0) / "final").state_dict()
@@ -363,9 +381,9 @@ def test_two_ranks_zero2_match_one_rank(tmp_path, cache):
 
 def _nan_rf_loss(monkeypatch, bad_calls):
     """Make the RF loss NaN on the given real (not placeholder) calls."""
-    import janusflow.train.trainer as trainer
+    import janusflow.train.losses as objective
 
-    real, calls = trainer.rf_loss, {"n": 0}
+    real, calls = objective.rf_loss, {"n": 0}
 
     def flaky(v, target):
         out = real(v, target)
@@ -375,7 +393,7 @@ def _nan_rf_loss(monkeypatch, bad_calls):
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr(trainer, "rf_loss", flaky)
+    monkeypatch.setattr(objective, "rf_loss", flaky)
 
 
 def test_non_finite_loss_skips_the_step(tmp_path, cache, monkeypatch):
@@ -402,11 +420,11 @@ def test_consecutive_non_finite_losses_stop_with_a_checkpoint(tmp_path, cache, m
 
 def test_non_finite_gradient_stops_the_run(tmp_path, cache, monkeypatch):
     """A finite loss whose gradient is NaN (sqrt'(0) * 0): caught from the gradient norm, on one rank (stage 0)."""
-    import janusflow.train.trainer as trainer
+    import janusflow.train.losses as objective
     from janusflow.train.trainer import NonFiniteError
 
-    real = trainer.rf_loss
-    monkeypatch.setattr(trainer, "rf_loss", lambda v, t: real(v, t) + 0.0 * (v - v.detach()).abs().sqrt().sum())
+    real = objective.rf_loss
+    monkeypatch.setattr(objective, "rf_loss", lambda v, t: real(v, t) + 0.0 * (v - v.detach()).abs().sqrt().sum())
     with pytest.raises(NonFiniteError, match="gradient norm is nan"):
         run_tiny(tmp_path / "r", ["stages.0.max_steps=3"])
 
@@ -429,18 +447,21 @@ def _torchrun(tmp_path: Path, run: str, overrides, stop_after: int, resume: str 
 
 
 def test_one_fp32_rank_runs_without_zero_unless_it_offloads(tmp_path):
-    """ZeRO partitions nothing on one rank: stage 0 then, the recipe's stage with offloading or bf16."""
-    from janusflow.train.trainer import Trainer
+    """ZeRO partitions nothing on one rank: stage 0 then, the recipe's stage with offloading, bf16 or 2 ranks."""
+    from janusflow.train.distributed import EnginePolicy
 
     offload = tmp_path / "offload.json"
     offload.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
-    plain = Trainer(load_recipe("tiny", [f"run_dir={tmp_path / 'a'}", "train.zero_stage=2"]))
-    assert plain.zero_stage == 0 and plain._ds_config(plain.recipe.stages[0])["zero_optimization"]["stage"] == 0
-    kept = Trainer(load_recipe("tiny", [f"run_dir={tmp_path / 'b'}", "train.zero_stage=2",
-                                        f"train.deepspeed_config={offload}"]))
-    assert kept.zero_stage == 2
-    assert Trainer(load_recipe("tiny", [f"run_dir={tmp_path / 'c'}", "train.zero_stage=3",
-                                        "train.dtype=bfloat16"])).zero_stage == 3
+    recipe = load_recipe("tiny", ["train.zero_stage=2"])
+    plain = EnginePolicy.of(recipe.train, 1, torch.float32)
+    assert plain.zero_stage == 0 and plain.engine_config(recipe.stages[0], 1, 1.0, False)["zero_optimization"] == {
+        "stage": 0}
+    assert EnginePolicy.of(recipe.train, 2, torch.float32).zero_stage == 2
+    kept = EnginePolicy.of(load_recipe("tiny", ["train.zero_stage=2", f"train.deepspeed_config={offload}"]).train,
+                           1, torch.float32)
+    assert kept.zero_stage == 2 and kept.engine_config(recipe.stages[0], 1, 1.0, False)["zero_optimization"][
+        "offload_optimizer"] == {"device": "cpu"}
+    assert EnginePolicy.of(load_recipe("tiny", ["train.zero_stage=3"]).train, 1, torch.bfloat16).zero_stage == 3
 
 
 @pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])

@@ -29,11 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from janusflow.config import ConfigError, Recipe, load_recipe  # noqa: E402
-from tools.eval_args import add_eval_args, check_eval_args  # noqa: E402
-from tools.eval_args import eval_kwargs as eval_kwargs_of  # noqa: E402
+from janusflow.config import ConfigError, Recipe, load_recipe
+from janusflow.eval.cli import COMPARISON_DEFAULTS, add_eval_args, check_eval_args
+from janusflow.eval.cli import eval_kwargs as eval_kwargs_of
 
 ARMS = "abcdef"
 # (result key, column label, lower is better)
@@ -128,9 +126,11 @@ def markdown(records: list[dict], eval_kwargs: dict, real_siglip_score: float | 
             v = r["results"].get(key)
             cells.append("n/a" if v is None else (f"**{v:.4f}**" if v == best.get(key) else f"{v:.4f}"))
         lines.append("| " + " | ".join(cells) + " |")
-    steps = {tuple(r["setup"]["steps"]) for r in records}
-    lines += ["", f"Steps per stage: {', '.join(' + '.join(map(str, s)) for s in sorted(steps))} (adaptation + "
-              f"unified pre-training), batch and seeds as in recipes/ablation-f.yaml. VQA: exact match on "
+    steps = ", ".join(f"{r['arm'].upper()} {' + '.join(map(str, r['setup']['steps']))}" for r in records)
+    lines += ["", f"Steps per stage (adaptation + unified pre-training): {steps}; batch and seeds as in "
+              f"recipes/ablation-f.yaml. D and E are data-matched as in the paper: fewer steps, so that each sees "
+              f"F's amount of its own task's data (not more), and their columns compare single-task training with "
+              f"F at equal data of that task. VQA: exact match on "
               f"{eval_kwargs['num_vqa']} held-out questions. FD: {eval_kwargs['num_fd_images']} generated vs held-out "
               f"images in the prep SigLIP's feature space. shapes-GenEval: {eval_kwargs['num_geneval_per_category']} "
               f"prompts per category. SigLIP score: mean SigLIP match probability of each FD image with its prompt "
@@ -191,7 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="output directory, one run per arm + the results (default: runs/ablations, or "
                                  "runs/ablations-maxN with --max-steps N, so capped runs never pass for full ones)")
     p.add_argument("--max-steps", type=int, help="cap every stage at N steps (a quick check of the pipeline)")
-    add_eval_args(p)
+    add_eval_args(p, **COMPARISON_DEFAULTS)
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm, e.g. train.seed=1")
     args = p.parse_args(argv)
     if not args.arms or set(args.arms) - set(ARMS):
@@ -202,7 +202,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     from janusflow.train.prep import cache_root, prepare
 
     out = Path(args.out or ("runs/ablations" if args.max_steps is None else f"runs/ablations-max{args.max_steps}"))
@@ -228,12 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"wrote {out / 'results.md'}, {out / 'results.png'}, {out / 'results.json'}")
     return 0
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from janusflow.pipeline import DTYPES, PipelineError, PrintStreamer, load_image, load_pipeline  # noqa: E402
+from janusflow.pipeline import DTYPES, PipelineError, PrintStreamer, load_image, load_pipeline
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

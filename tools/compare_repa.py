@@ -27,15 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from janusflow.config import ConfigError, Recipe, load_recipe  # noqa: E402
-from janusflow.eval.runner import evaluate_export, evaluate_model, load_eval_data  # noqa: E402
-from janusflow.eval.siglip_score import SigLIPJudge  # noqa: E402
-from janusflow.train.prep import cache_root  # noqa: E402
-from janusflow.train.trainer import Trainer  # noqa: E402
-from tools.eval_args import add_eval_args, check_eval_args  # noqa: E402
-from tools.eval_args import eval_kwargs as eval_kwargs_of  # noqa: E402
+from janusflow.config import ConfigError, Recipe, load_recipe
+from janusflow.eval.cli import COMPARISON_DEFAULTS, add_eval_args, check_eval_args
+from janusflow.eval.cli import eval_kwargs as eval_kwargs_of
+from janusflow.eval.runner import evaluate_model, load_eval_data
+from janusflow.eval.siglip_score import SigLIPJudge
+from janusflow.io import read_jsonl_records as read_rows
+from janusflow.train.prep import cache_root
+from janusflow.train.trainer import Trainer
 
 STAGE = 1  # the compared stage: unified pre-training
 ARMS = ("repa-on", "repa-off")
@@ -48,47 +47,40 @@ PANELS = (("eval/fd", "FD vs held-out images (SigLIP space)"), ("eval/geneval/ov
           ("loss_rf", "training loss_rf"), ("loss_repa", "training loss_repa"))
 
 
-class EvalTrainer(Trainer):
-    """A Trainer that evaluates the EMA model of stage ``eval_stage`` whenever it draws a sample grid (every
-    ``logging.sample_every`` steps and at the stage's end) and logs the results as ``eval/*`` metrics.
-    ``step0`` (the evaluation of the stage's starting EMA weights) is logged at step 0."""
+class StageEvaluator:
+    """The trainer's evaluation hook for the compared stage: evaluates the EMA model at step 0 and at every sample
+    point. Step 0 (the shared stage-1 weights, the same for both arms) is computed once and kept in ``step0_path``."""
 
-    def __init__(self, recipe: Recipe, *, eval_stage: int, eval_kwargs: dict, data_dir: str | Path | None,
-                 step0: dict | None = None, **kwargs):
-        super().__init__(recipe, **kwargs)
-        self.eval_stage, self.eval_kwargs, self.eval_dir, self.step0 = eval_stage, eval_kwargs, data_dir, step0
+    def __init__(self, eval_stage: int, eval_kwargs: dict, data_dir: str | Path | None, step0_path: Path):
+        self.eval_stage, self.eval_kwargs, self.data_dir = eval_stage, eval_kwargs, data_dir
+        self.step0_path = step0_path
+        self.data = self.judge = None
 
-    def setup(self) -> None:
-        super().setup()
-        self.eval_dir = self.eval_dir or self.prep.get("data_dir")
-        if self.eval_dir is None:
-            raise ValueError("the recipe has no shapes dataset to evaluate on; pass --data DIR")
-        k = self.eval_kwargs
-        self.eval_data = load_eval_data(self.eval_dir, max(k["num_fd_images"], k["num_rf_images"]), k["num_vqa"])
-        siglip_dir = self.prep.get("siglip_dir")
-        self.judge = SigLIPJudge.from_dir(siglip_dir).to(self.device) if siglip_dir else None
+    def __call__(self, trainer: Trainer, index: int, step: int, model) -> dict | None:
+        if index != self.eval_stage or trainer.rank != 0:
+            return None
+        settings = {**self.eval_kwargs, "siglip_dir": trainer.prep.get("siglip_dir")}
+        if step == 0 and self.step0_path.exists():
+            saved = json.loads(self.step0_path.read_text())
+            if saved["settings"] == settings:
+                return saved["results"]
+        start = time.time()
+        results = {**self._evaluate(trainer, model), "seconds": time.time() - start}
+        if step == 0:
+            self.step0_path.write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+        return results
 
-    def run_stage(self, index, stage):
-        if index == self.eval_stage and self.step0 is not None and not self._evaluated(stage.name, 0):
-            self._log_eval(stage.name, 0, index, self.step0)
-        return super().run_stage(index, stage)
-
-    def sample_grid(self, ema, stage, step, index):
-        path = super().sample_grid(ema, stage, step, index)
-        if index == self.eval_stage and self.rank == 0:
-            start = time.time()
-            results = evaluate_model(ema.model, self.codec, self.tokenizer, self.recipe.data.und_system_prompt,
-                                     self.eval_dir, data=self.eval_data, siglip_judge=self.judge, **self.eval_kwargs)
-            self._log_eval(stage, step, index, {**results, "seconds": time.time() - start})
-        return path
-
-    def _log_eval(self, stage: str, step: int, index: int, results: dict) -> None:
-        metrics = {f"eval/{k}": v for k, v in results.items()}
-        self.logger.log(stage, step, self.global_step_offset(index) + step, metrics)
-
-    def _evaluated(self, stage: str, step: int) -> bool:
-        rows = read_rows(self.run_dir / "metrics.jsonl")
-        return any(r["stage"] == stage and r["step"] == step and "eval/fd" in r for r in rows)
+    def _evaluate(self, trainer: Trainer, model) -> dict:
+        if self.data is None:
+            self.data_dir = self.data_dir or trainer.prep.get("data_dir")
+            if self.data_dir is None:
+                raise ValueError("the recipe has no shapes dataset to evaluate on; pass --data DIR")
+            k = self.eval_kwargs
+            self.data = load_eval_data(self.data_dir, max(k["num_fd_images"], k["num_rf_images"]), k["num_vqa"])
+            siglip_dir = trainer.prep.get("siglip_dir")
+            self.judge = SigLIPJudge.from_dir(siglip_dir).to(trainer.device) if siglip_dir else None
+        return evaluate_model(model, trainer.codec, trainer.tokenizer, trainer.recipe.data.und_system_prompt,
+                              self.data_dir, data=self.data, siglip_judge=self.judge, **self.eval_kwargs)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -132,20 +124,14 @@ def compare_repa(recipe: str, overrides: list[str], out: Path, *, steps: int | N
     shared = Trainer(arm_recipe(recipe, overrides, out / "shared", STAGE, []), group=group, run_name="shared-stage1")
     shared.run()
     times["stage 1 (shared)"] = time.time() - start
-    data_dir = data_dir or shared.prep.get("data_dir")
-    stage0_dir = shared.stage_dir(STAGE - 1).name
-    start = time.time()
-    step0 = cached_eval(out / "step0_eval.json", out / "shared" / "export", data_dir, eval_kwargs,
-                        shared.prep.get("siglip_dir"))
-    times["step-0 evaluation (shared)"] = time.time() - start
+    evaluator = StageEvaluator(STAGE, eval_kwargs, data_dir, out / "step0_eval.json")
     for name, w in zip(ARMS, (weight, 0.0)):
         start = time.time()
         r = arm_recipe(recipe, overrides, out / name, STAGE + 1, [f"stages.{STAGE}.repa_weight={w}",
                                                                    f"stages.{STAGE}.max_steps={steps}",
                                                                    f"logging.sample_every={eval_every}"])
-        share_stage(out / "shared", out / name, stage0_dir)
-        EvalTrainer(r, eval_stage=STAGE, eval_kwargs=eval_kwargs, data_dir=data_dir, step0=step0, group=group,
-                    run_name=name).run()
+        share_stage(out / "shared", out / name, shared.stage_dir(STAGE - 1).name)
+        Trainer(r, group=group, run_name=name, evaluate=evaluator).run()
         times[name] = time.time() - start
     summary = summarize(out, stage.name, times, weight, steps, eval_every, eval_kwargs)
     (out / "compare_repa.json").write_text(json.dumps(summary, indent=2))
@@ -154,27 +140,7 @@ def compare_repa(recipe: str, overrides: list[str], out: Path, *, steps: int | N
     return summary
 
 
-def cached_eval(path: Path, export: Path, data_dir: str, eval_kwargs: dict, siglip_dir: str | None = None) -> dict:
-    """The evaluation of ``export`` with these settings, computed once and kept in ``path``."""
-    settings = {**eval_kwargs, "siglip_dir": siglip_dir}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved["settings"] == settings:
-            return saved["results"]
-    start = time.time()
-    results = evaluate_export(export, data_dir, siglip_dir=siglip_dir, **eval_kwargs)
-    results["seconds"] = time.time() - start
-    path.write_text(json.dumps({"settings": settings, "results": results}, indent=2))
-    return results
-
-
 # ----------------------------------------------------------------------------- analysis
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def curves_of(rows: list[dict], stage: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -336,7 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="evaluate the EMA model every N stage-2 steps (default: steps / 8)")
     p.add_argument("--out", help="output directory (default: runs/compare-repa-RECIPE)")
     p.add_argument("--data", help="held-out shapes data (default: the recipe's shapes dataset)")
-    add_eval_args(p)
+    add_eval_args(p, **COMPARISON_DEFAULTS)
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. train.repa.weight=0.5")
     args = p.parse_args(argv)
     check_eval_args(p, args, positive=("eval_every",))
@@ -345,7 +311,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     eval_kwargs = eval_kwargs_of(args)
     out = Path(args.out or f"runs/compare-repa-{Path(args.recipe).stem}")
     try:
@@ -358,12 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'compare_repa.png'}, {out / 'compare_repa.md'}, {out / 'compare_repa.json'}; "
           f"total {sum(summary['seconds'].values()):.0f} s")
     return 0
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

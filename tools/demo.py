@@ -9,15 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
-from pathlib import Path
 
 import gradio as gr
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from janusflow.pipeline import DTYPES, Pipeline, PipelineError, load_pipeline  # noqa: E402
+from janusflow.pipeline import DTYPES, Pipeline, PipelineError, load_pipeline
 
 
 def generate_images(pipe: Pipeline, prompt: str, seed: float, cfg_weight: float, steps: float,

@@ -2,7 +2,7 @@
 
     python tools/evaluate.py --model runs/2to8/export --data runs/_cache/shapes-XXXX --out results.json
     python tools/evaluate.py --model runs/2to8 --data DIR --siglip runs/_cache/siglip-XXXX   # + SigLIP score
-    python tools/evaluate.py --model runs/2to8 --data DIR --num-fd-images 128 --steps 30 --cfg 2.0 --seed 1
+    python tools/evaluate.py --model runs/2to8 --data DIR --num-fd-images 128 --sample-steps 30 --cfg 2.0 --seed 1
 
 The numbers are a function of the weights and --seed only (prompts, noise); see janusflow/eval/runner.py.
 """
@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from janusflow.eval.runner import evaluate_export  # noqa: E402
-from janusflow.pipeline import PipelineError  # noqa: E402
+from janusflow.eval.cli import add_eval_args, check_eval_args, eval_kwargs
+from janusflow.eval.runner import evaluate_export
+from janusflow.pipeline import PipelineError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,23 +30,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--siglip", help="the prep's SigLIP folder (siglip.pt + text_tower.pt): adds the SigLIP "
                                     "image-text score of the FD images vs their captions")
     p.add_argument("--tasks", default="gen,und", help="gen (all but VQA), und (VQA) or gen,und")
-    p.add_argument("--num-geneval", type=int, default=16, help="GenEval prompts per category")
-    p.add_argument("--num-fd-images", type=int, default=256, help="held-out images (and generated ones) for FD")
-    p.add_argument("--num-vqa", type=int, default=128, help="held-out questions")
-    p.add_argument("--num-rf-images", type=int, default=64, help="held-out images for the RF validation loss")
-    p.add_argument("--steps", type=int, default=30, help="Euler steps of the sampler")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance weight")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    add_eval_args(p, num_geneval=16, num_fd_images=256, num_vqa=128, num_rf_images=64, sample_steps=30)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    for name in ("num_geneval", "num_fd_images", "num_vqa", "num_rf_images", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_fd_images < 2:
-        p.error("--num-fd-images must be >= 2 (FD fits a covariance)")
-    if not math.isfinite(args.cfg):
-        p.error(f"--cfg must be a finite number, got {args.cfg}")
+    check_eval_args(p, args)
     args.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if not args.tasks or set(args.tasks) - {"gen", "und"}:
         p.error("--tasks must be gen, und or gen,und")
@@ -64,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
     try:
-        results = evaluate_export(args.model, args.data, num_geneval_per_category=args.num_geneval,
-                                  num_fd_images=args.num_fd_images, num_vqa=args.num_vqa,
-                                  num_rf_images=args.num_rf_images, steps=args.steps, cfg_weight=args.cfg,
-                                  seed=args.seed, batch_size=args.batch_size, device=args.device,
-                                  siglip_dir=args.siglip, tasks=args.tasks)
+        results = evaluate_export(args.model, args.data, device=args.device, siglip_dir=args.siglip,
+                                  tasks=args.tasks, **eval_kwargs(args))
     except (PipelineError, ValueError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

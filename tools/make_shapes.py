@@ -7,16 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from janusflow.data.shapes import make_sample, read_manifest, write_shapes_dataset  # noqa: E402
+from janusflow.data.shapes import make_sample, read_manifest, write_shapes_dataset
 
 
 def preview(path: Path, seed: int, image_size: int, max_objects: int, n: int = 16, cols: int = 4) -> None:

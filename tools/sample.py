@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from janusflow.pipeline import DTYPES, labelled_grid, load_pipeline, slug  # noqa: E402
-from janusflow.sampling import SOLVERS  # noqa: E402
+from janusflow.imaging import labelled_grid
+from janusflow.pipeline import DTYPES, load_pipeline, slug
+from janusflow.sampling import SOLVERS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

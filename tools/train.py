@@ -1,16 +1,13 @@
 """Train a recipe: `python tools/train.py --recipe 2to8 [key=value ...]`.
 
 Several ranks: `torchrun --nproc_per_node N tools/train.py ...` or `deepspeed tools/train.py ...`
-(multi-node: the deepspeed launcher's --hostfile). On a CPU machine set DS_ACCELERATOR=cpu.
+(multi-node: see the README). The accelerator is CUDA when torch sees a GPU, else the CPU (DS_ACCELERATOR overrides).
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from janusflow.config import ConfigError, load_recipe  # noqa: E402
+from janusflow.config import ConfigError, load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
     except ConfigError as e:
         return fail(e)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     from janusflow.data.mixture import DataError
     from janusflow.train.trainer import NonFiniteError, ResumeError, Trainer
 
@@ -47,12 +43,6 @@ def main(argv: list[str] | None = None) -> int:
 def fail(error: Exception) -> int:
     print(f"train.py: error: {error}", file=sys.stderr)
     return 2
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -15,26 +15,29 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from janusflow.config import DataConfig, MixturePhase, ModelConfig, TimeSamplingConfig, UndEncoderConfig
-from janusflow.data.sources import (
-    CaptionRecord,
-    CaptionSource,
-    ConversationRecord,
-    TextRecord,
-    gen_transform,
-    und_transform,
+from janusflow.config import DataConfig, MixturePhase, ModelConfig, TimeSamplingConfig
+from janusflow.data.batch import (
+    IGNORE,
+    ArSample,
+    Batch,
+    GenSample,
+    collate_ar,
+    collate_gen,
+    collate_packed,
+    pack_rows,
+    sample_length,
 )
+from janusflow.data.sources import CaptionRecord, CaptionSource, ConversationRecord, TextRecord
+from janusflow.data.transforms import gen_crop, und_pixels
 from janusflow.flow import sample_t
-from janusflow.models.und_inputs import und_pixels
 from janusflow.tokenizer import EOS, IMAGE, Tokenizer, expand_image_tokens, sft_prompt
 
 log = logging.getLogger(__name__)
 TASKS = ("gen", "und", "text")
-IGNORE = -100
+CAPTION_INSTRUCTION = "Generate the caption of this picture."
 PROMPT_MEMORY = 100_000
 
 
@@ -53,6 +56,18 @@ class MixtureSchedule:
         total = phase.und + phase.gen + phase.text
         return {"gen": phase.gen / total, "und": phase.und / total, "text": phase.text / total}
 
+    def expected_samples(self, steps: int, batch_size: int) -> dict[str, float]:
+        """Samples of each task that ``steps`` steps of ``batch_size`` samples draw, in expectation."""
+        out = dict.fromkeys(TASKS, 0.0)
+        start = 0
+        for phase in self.phases:
+            end = steps if phase.until_step is None else min(phase.until_step, steps)
+            ratios = self.ratios(start)
+            for task in TASKS:
+                out[task] += max(end - start, 0) * batch_size * ratios[task]
+            start = max(start, end)
+        return out
+
     def composition(self, step: int, batch_size: int, rng: random.Random) -> list[str]:
         """Task per slot, grouped gen/und/text. Counts follow the ratio; the fractional remainder
         is assigned at random so that the ratio also holds on average for small batches."""
@@ -65,33 +80,6 @@ class MixtureSchedule:
             counts[pick] += 1
             exact[pick] = counts[pick]
         return [k for k in TASKS for _ in range(counts[k])]
-
-
-@dataclass
-class Batch:
-    """One micro-batch. ``ar`` holds understanding + text rows (cross-entropy), ``gen`` the RF rows."""
-
-    size: int
-    ar: dict | None = None
-    gen: dict | None = None
-    counts: dict = field(default_factory=dict)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        def move(d):
-            if d is None:
-                return None
-            return {k: v.to(device, dtype if v.is_floating_point() else None, non_blocking=True)
-                    if isinstance(v, torch.Tensor) else v for k, v in d.items()}
-
-        return Batch(self.size, move(self.ar), move(self.gen), self.counts)
-
-    def pin_memory(self) -> Batch:
-        """Page-locked copies (called by the DataLoader's pin-memory thread) for asynchronous host-to-GPU copies."""
-
-        def pin(d):
-            return d and {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
-
-        return Batch(self.size, pin(self.ar), pin(self.gen), self.counts)
 
 
 class SampleBuilder:
@@ -118,38 +106,38 @@ class SampleBuilder:
             return ids[:limit]
         return ids
 
-    def prompt_ids(self, caption: str) -> list[int]:
-        """The generation prompt's ids for a caption (truncated to data.max_text_len tokens); remembered for
-        up to PROMPT_MEMORY captions, as datasets repeat captions and tokenizing is most of a cached gen sample."""
-        if caption not in self._prompts:
+    def prompt_ids(self, caption: str, template: str = "sft") -> list[int]:
+        """A generation prompt's ids (the caption truncated to data.max_text_len tokens) in its template: ``sft``
+        "User: {caption}\\n\\nAssistant:", ``raw`` the caption alone (the paper's stages 1-2), both after BOS and
+        before the image. Remembered for up to PROMPT_MEMORY captions: datasets repeat captions, and tokenizing is
+        most of a cached gen sample's cost."""
+        key = (template, caption)
+        if key not in self._prompts:
             if len(self._prompts) >= PROMPT_MEMORY:
                 self._prompts.clear()
             ids = self.tok.encode(caption, add_bos=False)
             truncated = len(ids) > self.data_cfg.max_text_len
             text = self.tok.decode(ids[:self.data_cfg.max_text_len])
-            self._prompts[caption] = (self.tok.encode(sft_prompt(text)), truncated)
-        ids, truncated = self._prompts[caption]
+            self._prompts[key] = (self.tok.encode(text if template == "raw" else sft_prompt(text)), truncated)
+        ids, truncated = self._prompts[key]
         if truncated:
             self.stats["truncated_caption"] += 1
         return list(ids)
 
-    def gen(self, rec: CaptionRecord, rng: random.Random, center_crop: bool,
-            repa_feats: torch.Tensor | None = None, repa: bool = True) -> dict:
-        """Prompt = the official generation template without its last tag (t_emb takes its place).
-        REPA's target is the SigLIP features of the same (clean, cropped) image: ``repa_feats`` when
-        cached, else the pixels SigLIP will see; none at all with ``repa`` off."""
-        ids = self.prompt_ids(rec.caption)
-        if rec.image is None:  # a cached record: its latent (and REPA target) come from the caches
-            return {"ids": ids} if repa_feats is None else {"ids": ids, "repa_feats": repa_feats}
-        image = gen_transform(rec.image, self.gen_size, rng if not center_crop else None)
-        if not repa:
-            return {"ids": ids, "image": image}
-        if repa_feats is not None:
-            return {"ids": ids, "image": image, "repa_feats": repa_feats}
-        return {"ids": ids, "image": image, "repa_pixels": repa_pixels(image, self.und_cfg)}
+    def gen(self, rec: CaptionRecord, rng: random.Random, center_crop: bool, drop_prob: float,
+            latent: torch.Tensor | None = None, repa_target: torch.Tensor | None = None,
+            template: str = "sft") -> GenSample:
+        """The prompt in its template (the image's begin tag is left out: t_emb takes its place); the crop when the
+        record's image was read (a cached record gives only its caption); then the CFG dropout draw."""
+        ids = self.prompt_ids(rec.caption, "raw" if template == "raw" else "sft")
+        crop = gen_crop(rec.image, self.gen_size, rng if not center_crop else None) if rec.image is not None else None
+        return GenSample(ids, rng.random() < drop_prob, crop=crop, latent=latent, repa_target=repa_target)
 
-    def und(self, rec: ConversationRecord) -> dict:
-        """Official SFT format; labels only on the assistant answers (+ EOS)."""
+    def und(self, rec: ConversationRecord | CaptionRecord) -> ArSample:
+        """Official SFT format; labels only on the assistant answers (+ EOS). Image-caption records take the
+        paper's caption template instead."""
+        if isinstance(rec, CaptionRecord):
+            return self.caption(rec)
         ids = [self.tok.bos_id]
         labels = [IGNORE]
         head = f"{self.system_prompt}\n\n" if self.system_prompt else ""
@@ -168,122 +156,50 @@ class SampleBuilder:
                 piece = self.tok.encode(f" {text}{EOS}", add_bos=False)
                 ids += piece
                 labels += piece
+        return self._und_sample(ids, labels, rec.image)
+
+    def caption(self, rec: CaptionRecord) -> ArSample:
+        """The paper's caption template "<image>Generate the caption of this picture. <caption>": labels on the
+        caption (+ EOS)."""
+        prompt = expand_image_tokens(self.tok.encode(f"{IMAGE}{CAPTION_INSTRUCTION}"), self.tok, self.num_image_tokens)
+        answer = self._truncate(self.tok.encode(f" {rec.caption}", add_bos=False), self.data_cfg.max_text_len,
+                                "caption") + [self.tok.eos_id]
+        return self._und_sample(prompt + answer, [IGNORE] * len(prompt) + answer, rec.image)
+
+    def _und_sample(self, ids: list[int], labels: list[int], image) -> ArSample:
         limit = self.data_cfg.max_seq_len
         ids, labels = self._truncate(ids, limit, "conversation"), labels[:limit]
-        out = {"ids": ids, "labels": labels}
-        if rec.image is not None:
-            out["pixels"] = und_pixels(rec.image, self.model_cfg)
-        return out
+        return ArSample("und", ids, labels, und_pixels(image, self.model_cfg) if image is not None else None)
 
-    def text(self, rec: TextRecord) -> dict:
+    def text(self, rec: TextRecord, rng: random.Random, all_chunks: bool = False) -> list[ArSample]:
+        """A text line as [BOS, tokens, EOS], truncated to data.max_text_len tokens (counted)."""
         limit = min(self.data_cfg.max_text_len, self.data_cfg.max_seq_len - 2)  # room for BOS and EOS
         ids = self._truncate(self.tok.encode(rec.text, add_bos=False), limit, "text")
         ids = [self.tok.bos_id, *ids, self.tok.eos_id]
-        return {"ids": ids, "labels": list(ids)}
-
-
-def repa_pixels(image: torch.Tensor, und: UndEncoderConfig) -> torch.Tensor:
-    """A gen image [3, S, S] in [-1, 1] -> the understanding encoder's input (its official transform)."""
-    return und_transform(_to_pil(image), und.image_size, und.image_mean, und.image_std)
-
-
-def _to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(arr)
-
-
-def collate_ar(samples: list[dict], tok: Tokenizer, tasks: list[str], pack: bool = False) -> dict:
-    """Right-padded understanding/text rows; image rows carry pixels and the image position mask.
-
-    ``sample_index`` [R, L] names the sample of each position (-1 on padding) and ``is_und`` [n] each
-    sample's task. Packed (``pack``): several samples share a row no longer than the longest sample; each
-    one's ``position_ids`` restart at 0 and there is no 2D attention mask, so transformers builds the
-    block-diagonal causal mask from the restarts (a sample only sees itself; the trailing padding is a
-    sequence of its own). Each sample's first label is ignored, as the unpacked shift does.
-    """
-    rows = pack_rows([len(s["ids"]) for s in samples]) if pack else [[i] for i in range(len(samples))]
-    width = max(len(s["ids"]) for s in samples)
-    shape = (len(rows), width)
-    ids, labels = torch.full(shape, tok.pad_id), torch.full(shape, IGNORE)
-    mask, index = torch.zeros(shape, dtype=torch.long), torch.full(shape, -1)
-    positions = torch.arange(width).repeat(len(rows), 1)
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            s, n = samples[i], len(samples[i]["ids"])
-            ids[r, at:at + n], labels[r, at:at + n] = torch.tensor(s["ids"]), torch.tensor(s["labels"])
-            labels[r, at] = IGNORE
-            mask[r, at:at + n], index[r, at:at + n] = 1, i
-            positions[r, at:] = torch.arange(width - at)
-            at += n
-    pixels = [samples[i]["pixels"] for row in rows for i in row if "pixels" in samples[i]]  # in position order
-    out = {
-        "input_ids": ids, "labels": labels, "attention_mask": mask, "sample_index": index,
-        "pixel_values": torch.stack(pixels) if pixels else None,
-        "image_seq_mask": (ids == tok.image_id) | (ids == tok.boi_id),
-        "is_und": torch.tensor([t == "und" for t in tasks]),
-    }
-    if pack:
-        out.update(attention_mask=None, position_ids=positions)
-    return out
-
-
-def pack_rows(lengths: list[int]) -> list[list[int]]:
-    """First-fit decreasing: sample indices per row, rows no longer than the longest sample."""
-    width, rows, free = max(lengths), [], []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        r = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
-        if r is None:
-            rows.append([])
-            free.append(width)
-            r = len(rows) - 1
-        rows[r].append(i)
-        free[r] -= lengths[i]
-    return rows
-
-
-def collate_gen(samples: list[dict], tok: Tokenizer, drop: list[bool]) -> dict:
-    """Left-padded prompts. A CFG-dropped row keeps BOS; the rest of its prompt is pad and masked,
-    exactly like the unconditional rows at sampling time."""
-    width = max(len(s["ids"]) for s in samples)
-    ids = torch.full((len(samples), width), tok.pad_id)
-    mask = torch.zeros(len(samples), width, dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s["ids"])
-        ids[i, width - n:] = torch.tensor(s["ids"])
-        mask[i, width - n:] = 1
-        if drop[i]:
-            ids[i, width - n + 1:] = tok.pad_id
-            mask[i, width - n + 1:] = 0
-    out = {"prefix_ids": ids, "prefix_mask": mask}
-    if all("repa_feats" in s for s in samples):
-        out["repa_feats"] = torch.stack([s["repa_feats"] for s in samples])
-    elif all("repa_pixels" in s for s in samples):
-        out["repa_pixels"] = torch.stack([s["repa_pixels"] for s in samples])
-    if all("latent" in s for s in samples):
-        out["latents"] = torch.stack([s["latent"] for s in samples])
-    else:
-        out["images"] = torch.stack([s["image"] for s in samples])
-    return out
+        return [ArSample("text", ids, list(ids))]
 
 
 class MixtureStream:
-    """Deterministic global batches from task sources (lists of SourceDataset-like objects)."""
+    """Deterministic global batches from task sources (lists of SourceDataset-like objects).
+
+    ``batch_unit`` "samples": a global batch of B samples whose tasks follow the ratio schedule exactly; with
+    ``pack_length`` each micro-batch's samples are then packed into rows of that many tokens. "sequences": a
+    global batch of B packed rows, filled in order with samples whose tasks are drawn at the ratio.
+    """
 
     def __init__(self, sources: dict[str, list], builder: SampleBuilder, schedule: MixtureSchedule, *,
                  seed: int, cfg_drop_prob: float, time_cfg: TimeSamplingConfig, latent_cache=None, repa_cache=None,
-                 max_bad_fraction: float = 0.5, packing: bool = False, repa: bool = True):
-        """``latent_cache`` / ``repa_cache``: janusflow.data.latent_cache.RecordCache of the gen sources
-        (centre crops); the REPA cache is only valid together with the latent cache (same crop).
-        ``repa`` off: gen samples carry no REPA target (no SigLIP preprocessing per image)."""
+                 max_bad_fraction: float = 0.5, repa: bool = True, pack_length: int = 0, gen_tokens: int = 0,
+                 batch_unit: str = "samples"):
+        """``latent_cache`` / ``repa_cache``: janusflow.data.latent_cache.RecordCache of the gen sources (the same
+        crops of each image); the REPA cache is only valid together with the latent cache. ``repa`` off: gen samples
+        carry no REPA target. ``gen_tokens``: the image tokens of a generation sample (its length when packed)."""
         self.sources, self.builder, self.schedule = sources, builder, schedule
         self.seed, self.cfg_drop_prob, self.time_cfg = seed, cfg_drop_prob, time_cfg
         self.latent_cache = latent_cache
         self.repa_cache = repa_cache if latent_cache is not None else None
-        self.max_bad_fraction = max_bad_fraction
-        self.packing, self.repa = packing, repa
+        self.max_bad_fraction, self.repa = max_bad_fraction, repa
+        self.pack_length, self.gen_tokens, self.batch_unit = pack_length, gen_tokens, batch_unit
         self.stats: Counter = Counter()
         """Records used (``gen_ok``) and skipped (``gen_skipped``) per task, the skipped ones also by reason
         (``gen_bad_image``, ``text_bad_json``, ...): the ``data/*`` metrics, restored on resume."""
@@ -291,6 +207,8 @@ class MixtureStream:
             for src in srcs:
                 if len(src) == 0:
                     raise DataError(f"the {task} source {getattr(src, 'path', src)} has no records")
+        if batch_unit == "sequences" and not pack_length:
+            raise ValueError("batch_unit 'sequences' counts packed rows: it needs data.pack_length > 0")
         if latent_cache is not None:
             self._check_cache(latent_cache.valid)
 
@@ -340,31 +258,57 @@ class MixtureStream:
             return None
         return src.caption_record(idx) if isinstance(src, CaptionSource) else src[idx]
 
-    def global_batch(self, step: int, batch_size: int) -> list[tuple[str, dict]]:
+    def _samples(self, task: str, rng: random.Random, all_chunks: bool = False) -> list[ArSample | GenSample]:
+        """The samples of one record of ``task`` drawn from ``rng`` (several only for a long text with
+        ``all_chunks``)."""
+        k, idx, rec = self._record(task, rng)
+        if task == "und":
+            return [self.builder.und(rec)]
+        if task == "text":
+            return self.builder.text(rec, rng, all_chunks)
+        cache, targets = self.latent_cache, self.repa_cache
+        crop = rng.randrange(cache.crops) if cache is not None and cache.crops > 1 else 0
+        return [self.builder.gen(rec, rng, center_crop=cache is not None, drop_prob=self.cfg_drop_prob,
+                                 latent=cache.get(k, idx, crop) if cache is not None else None,
+                                 repa_target=targets.get(k, idx, crop) if targets is not None else None,
+                                 template=getattr(self.sources["gen"][k], "template", "sft"))]
+
+    def global_batch(self, step: int, batch_size: int) -> list[ArSample | GenSample]:
+        """``batch_size`` samples, their tasks in the schedule's exact proportion."""
         rng = random.Random(f"{self.seed}-{step}")
-        out = []
-        for task in self.schedule.composition(step, batch_size, rng):
-            k, idx, rec = self._record(task, rng)
-            if task == "gen":
-                cached = self.latent_cache.get(k, idx) if self.latent_cache is not None else None
-                feats = self.repa_cache.get(k, idx) if self.repa_cache is not None else None
-                sample = self.builder.gen(rec, rng, center_crop=self.latent_cache is not None, repa_feats=feats,
-                                          repa=self.repa)
-                if cached is not None:
-                    sample["latent"] = cached
-                sample["drop"] = rng.random() < self.cfg_drop_prob
-            elif task == "und":
-                sample = self.builder.und(rec)
-            else:
-                sample = self.builder.text(rec)
-            out.append((task, sample))
-        return out
+        return [self._samples(task, rng)[0] for task in self.schedule.composition(step, batch_size, rng)]
+
+    def global_rows(self, step: int, rows: int) -> list[list[ArSample | GenSample]]:
+        """``rows`` rows of ``pack_length`` tokens filled in order with samples whose tasks are drawn at the
+        schedule's ratio; the sample that first overflows the last row is left out."""
+        rng = random.Random(f"{self.seed}-{step}")
+        ratios = self.schedule.ratios(step)
+        tasks, weights = [t for t in TASKS if ratios[t] > 0], [ratios[t] for t in TASKS if ratios[t] > 0]
+        out, row, used = [], [], 0
+        while len(out) < rows:
+            for sample in self._samples(rng.choices(tasks, weights)[0], rng, all_chunks=True):
+                n = sample_length(sample, self.gen_tokens)
+                if n > self.pack_length:
+                    raise DataError(f"a sample of {n} tokens does not fit data.pack_length={self.pack_length}")
+                if used + n > self.pack_length:
+                    out.append(row)
+                    row, used = [], 0
+                row.append(sample)
+                used += n
+        return out[:rows]
 
     def micro_batches(self, step: int, batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1):
-        """The micro-batches of ``rank`` for ``step`` (global batch split into blocks of micro_batch_size)."""
+        """The micro-batches of ``rank`` for ``step``: the global batch (samples, or packed rows) split into blocks
+        of ``micro_batch_size``, block b going to rank b % world."""
         if batch_size % (micro_batch_size * world):
             raise ValueError(f"batch_size {batch_size} is not divisible by micro_batch_size {micro_batch_size} x "
                              f"{world} ranks")
+        if self.batch_unit == "sequences":
+            rows = self.global_rows(step, batch_size)
+            for b in range(rank, batch_size // micro_batch_size, world):
+                block = rows[b * micro_batch_size:(b + 1) * micro_batch_size]
+                yield self._collate([s for row in block for s in row], step, b, [len(row) for row in block])
+            return
         samples = self.global_batch(step, batch_size)
         blocks = [samples[i:i + micro_batch_size] for i in range(0, batch_size, micro_batch_size)]
         for b in range(rank, len(blocks), world):
@@ -389,23 +333,37 @@ class MixtureStream:
             self.builder.stats.update(builder_stats)
             yield micros
 
-    def _collate(self, block: list[tuple[str, dict]], step: int, index: int) -> Batch:
+    def _collate(self, block: list[ArSample | GenSample], step: int, index: int,
+                 row_sizes: list[int] | None = None) -> Batch:
+        """A micro-batch; the gen rows' times and noise come from (seed, step, block index) alone. Packed: rows
+        of the given sizes (sequences), or the block first-fit into rows of pack_length (samples)."""
         tok = self.builder.tok
-        ar = [(t, s) for t, s in block if t != "gen"]
-        gen = [s for t, s in block if t == "gen"]
-        batch = Batch(size=len(block), counts=dict(Counter(t for t, _ in block)))
-        if ar:
-            batch.ar = collate_ar([s for _, s in ar], tok, [t for t, _ in ar], pack=self.packing)
+        gen = [s for s in block if isinstance(s, GenSample)]
+        batch = Batch(size=len(block), counts=dict(Counter("gen" if isinstance(s, GenSample) else s.task
+                                                           for s in block)))
+        t, noise_seed = None, hash_seed(self.seed, step, index, 1)
         if gen:
-            if self.repa and not all("repa_feats" in s for s in gen):  # a record the cache missed: all go live
-                for s in gen:
-                    s.setdefault("repa_pixels", repa_pixels(s["image"], self.builder.und_cfg))
-            batch.gen = collate_gen(gen, tok, [s["drop"] for s in gen])
-            g = torch.Generator().manual_seed(hash_seed(self.seed, step, index))
-            t = self.time_cfg
-            batch.gen["t"] = sample_t(len(gen), t.kind, t.mean, t.std, generator=g)
-            batch.gen["noise_seed"] = hash_seed(self.seed, step, index, 1)
+            tc = self.time_cfg
+            t = sample_t(len(gen), tc.kind, tc.mean, tc.std,
+                         generator=torch.Generator().manual_seed(hash_seed(self.seed, step, index)))
+        if self.pack_length:
+            rows = _rows_of(row_sizes) if row_sizes else pack_rows(
+                [sample_length(s, self.gen_tokens) for s in block], self.pack_length)
+            batch.ar, batch.gen, batch.layout = collate_packed(block, rows, self.pack_length, tok, self.gen_tokens,
+                                                               t, noise_seed)
+            return batch
+        ar = [s for s in block if isinstance(s, ArSample)]
+        if ar:
+            batch.ar = collate_ar(ar, tok)
+        if gen:
+            batch.gen = collate_gen(gen, tok, t, noise_seed)
         return batch
+
+
+def _rows_of(sizes: list[int]) -> list[list[int]]:
+    """Consecutive sample indices grouped into rows of the given sizes."""
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    return [list(range(start, start + n)) for start, n in zip(starts, sizes)]
 
 
 def _reasons(src) -> str:

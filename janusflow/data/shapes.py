@@ -10,17 +10,15 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
-import shutil
-import socket
 import tarfile
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from janusflow.io import atomic_path
 
 BACKGROUND: tuple[int, int, int] = (240, 240, 240)
 # Hues 0, 27, 53, 129, 223, 280 degrees, all strongly saturated: the detector classifies by hue, which is
@@ -250,6 +248,17 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return prefix + _join([describe(k, c, n) for (k, c), n in groups])
 
 
+def _attribute_question(objs: list, rng: random.Random, by: str, ask: str, question) -> list[tuple[str, str]]:
+    """A question about attribute ``ask`` of the objects sharing a value of ``by`` (e.g. the colour of the
+    squares), asked only of a ``by`` value whose objects agree on it; none when no value qualifies."""
+    values = {g: {getattr(o, ask) for o in objs if getattr(o, by) == g} for g in {getattr(o, by) for o in objs}}
+    agreeing = sorted(g for g, vs in values.items() if len(vs) == 1)
+    if not agreeing:
+        return []
+    g = rng.choice(agreeing)
+    return [(question(g, sum(getattr(o, by) == g for o in objs)), next(iter(values[g])))]
+
+
 def vqa(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     """Question/answer pairs about the scene, one per question type that applies, in random order.
 
@@ -263,21 +272,10 @@ def vqa(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     kind = rng.choice(KINDS)
     out.append((f"How many {PLURALS[kind]} are there?", str(sum(o.kind == kind for o in objs))))
 
-    colors_of = {k: {o.color for o in objs if o.kind == k} for k in {o.kind for o in objs}}
-    single_color = sorted(k for k, cs in colors_of.items() if len(cs) == 1)
-    if single_color:
-        k = rng.choice(single_color)
-        n = sum(o.kind == k for o in objs)
-        q = f"What color is the {k}?" if n == 1 else f"What color are the {PLURALS[k]}?"
-        out.append((q, next(iter(colors_of[k]))))
-
-    kinds_of = {c: {o.kind for o in objs if o.color == c} for c in {o.color for o in objs}}
-    single_kind = sorted(c for c, ks in kinds_of.items() if len(ks) == 1)
-    if single_kind:
-        c = rng.choice(single_kind)
-        n = sum(o.color == c for o in objs)
-        q = f"What shape is the {c} object?" if n == 1 else f"What shape are the {c} objects?"
-        out.append((q, next(iter(kinds_of[c]))))
+    out += _attribute_question(objs, rng, "kind", "color", lambda k, n: f"What color is the {k}?" if n == 1
+                               else f"What color are the {PLURALS[k]}?")
+    out += _attribute_question(objs, rng, "color", "kind", lambda c, n: f"What shape is the {c} object?" if n == 1
+                               else f"What shape are the {c} objects?")
 
     present = sorted({(o.kind, o.color) for o in objs})
     absent = [(k, c) for k in KINDS for c in COLORS if (k, c) not in present]
@@ -421,25 +419,6 @@ def _matches(root: Path, params: dict) -> bool:
     return manifest is not None and manifest.get("params") == params
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale(out: Path) -> None:
-    """Delete temporary folders left by writers of ``out`` on this host that were killed (process gone)."""
-    host = socket.gethostname()
-    for p in out.parent.glob(f".{out.name}.*-*-*-*"):
-        parts = p.name[len(out.name) + 2 :].split("-", 3)  # kind, pid, random, host (hosts may contain '-')
-        if parts[0] in ("tmp", "old") and parts[1].isdigit() and parts[3] == host and not _pid_alive(int(parts[1])):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def write_shapes_dataset(
     out_dir: str | Path,
     num_train: int,
@@ -474,11 +453,7 @@ def write_shapes_dataset(
         return out
     if out.exists() and not (out.is_dir() and (read_manifest(out) is not None or not any(out.iterdir()))):
         raise FileExistsError(f"{out} exists and is not a shapes dataset; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    try:
+    with atomic_path(out, done=lambda: _matches(out, params)) as tmp:  # done: a concurrent writer finished first
         tmp.mkdir()
         splits = {
             split: _write_split(tmp, split, n, image_size, max_objects, seed, shard_size)
@@ -486,19 +461,4 @@ def write_shapes_dataset(
         }
         manifest = {"name": "janusflow-shapes", "params": params, "splits": splits}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            if _matches(out, params):  # a concurrent writer finished first
-                return out
-            old = out.parent / f".{out.name}.old-{tag}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                if not _matches(out, params):
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -1,4 +1,4 @@
-"""Readers of real dataset formats, and the image transforms of the two encoders.
+"""Readers of real dataset formats (the image -> tensor steps live in janusflow.data.transforms).
 
 Formats: LLaVA-style conversation JSON (understanding), image-caption JSONL and WebDataset tar shards
 (generation), text JSONL (text-only). Every reader is random-access; a bad record (missing or corrupt image,
@@ -14,7 +14,6 @@ import collections
 import glob
 import io
 import json
-import random
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
@@ -23,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
+
+from janusflow.io import BrokenLine, read_jsonl
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTS = ("txt", "caption", "text")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant"}
 IMAGE_TOKEN = "<image>"
-UND_MIN_SIZE = 14  # the official VLMImageProcessor's min_size
 
 
 @dataclass
@@ -167,27 +166,6 @@ class SourceDataset(abc.ABC):
         return f"{type(self).__name__}({str(self.path)!r}, {len(self)} records, stats={dict(self.stats)})"
 
 
-@dataclass(frozen=True)
-class BrokenLine:
-    """A JSONL line that does not parse: kept as a record so that it is counted (bad_json) when read."""
-
-    detail: str
-
-
-def _read_jsonl(path: Path) -> list[Any]:
-    """Parsed lines of a JSONL file; blank lines ignored, broken ones (bad JSON or UTF-8) kept as BrokenLine."""
-    rows: list[Any] = []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                rows.append(BrokenLine(f"{path}:{number}: {e}"))
-    return rows
-
-
 def _row(rows: list[Any], i: int) -> Any:
     if isinstance(rows[i], BrokenLine):
         raise BadRecord("bad_json", rows[i].detail)
@@ -221,7 +199,7 @@ class LlavaJsonSource(SourceDataset):
         super().__init__(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         if self.path.suffix == ".jsonl":
-            self.entries = _read_jsonl(self.path)
+            self.entries = read_jsonl(self.path)
         else:
             try:
                 self.entries = json.loads(self.path.read_bytes())
@@ -279,7 +257,7 @@ class CaptionJsonlSource(CaptionSource):
     def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
         super().__init__(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
-        self.rows = _read_jsonl(self.path)
+        self.rows = read_jsonl(self.path)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -417,7 +395,7 @@ class TextJsonlSource(SourceDataset):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
-        self.rows = _read_jsonl(self.path)
+        self.rows = read_jsonl(self.path)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -451,47 +429,3 @@ def open_source(path: str | Path, format: str, image_root: str | Path | None = N
     if format == "caption_jsonl":
         return CaptionJsonlSource(path, image_root)
     return TextJsonlSource(path)
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 HWC RGB -> float32 CHW in [0, 1]."""
-    return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-
-
-def gen_transform(img: Image.Image, size: int, rng: random.Random | None) -> torch.Tensor:
-    """Generation input (the paper's): resize the short side to ``size`` (bicubic), random square crop
-    (a centre crop when ``rng`` is None, e.g. for the latent cache); [-1, 1]."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    if rng is None:
-        x0, y0 = (nw - size) // 2, (nh - size) // 2
-    else:
-        x0, y0 = rng.randint(0, nw - size), rng.randint(0, nh - size)
-    return _to_tensor(img.crop((x0, y0, x0 + size, y0 + size))).mul_(2.0).sub_(1.0)
-
-
-def und_transform(
-    img: Image.Image, size: int, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
-) -> torch.Tensor:
-    """Understanding input, as the official VLMImageProcessor: resize the long side to ``size`` keeping the aspect
-    (bicubic), pad to a square centred on the background colour ``int(mean * 255)``, rescale, normalise."""
-    w, h = img.size
-    long = max(w, h)
-    min_size = min(UND_MIN_SIZE, size)
-    nw, nh = max(int(w / long * size), min_size), max(int(h / long * size), min_size)
-    img = img.convert("RGB").resize((nw, nh), Image.Resampling.BICUBIC)
-    if nw != nh:
-        side = max(nw, nh)
-        square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
-        square.paste(img, ((side - nw) // 2, (side - nh) // 2))
-        img = square
-    x = _to_tensor(img)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s

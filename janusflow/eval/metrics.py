@@ -26,7 +26,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from janusflow.data.sources import und_transform
+from janusflow.config import UndEncoderConfig
+from janusflow.data.transforms import siglip_pixels
 from janusflow.flow import interpolate, rf_loss
 
 RF_VAL_TIMES: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -66,14 +67,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 @torch.no_grad()
-def encoder_features(encoder: torch.nn.Module, images: Sequence[Image.Image], image_size: int,
-                     mean: Sequence[float], std: Sequence[float], batch_size: int = 64) -> torch.Tensor:
+def encoder_features(encoder: torch.nn.Module, images: Sequence[Image.Image], und: UndEncoderConfig,
+                     batch_size: int = 64) -> torch.Tensor:
     """Mean-pooled patch features [N, D] of PIL images through ``encoder`` (pixels [B, 3, S, S] -> [B, M, D]),
-    with the understanding preprocessing (resize, pad to square, normalise)."""
+    with SigLIP's preprocessing (janusflow.data.transforms.siglip_pixels)."""
     ref = next(encoder.parameters())
     out = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.stack([und_transform(im, image_size, mean, std) for im in images[start:start + batch_size]])
+        pixels = torch.stack([siglip_pixels(im, und) for im in images[start:start + batch_size]])
         out.append(encoder(pixels.to(ref.device, ref.dtype)).float().mean(dim=1).cpu())
     return torch.cat(out)
 

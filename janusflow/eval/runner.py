@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from janusflow.data.shapes import read_manifest
-from janusflow.data.sources import gen_transform, open_source
+from janusflow.data.sources import open_source
+from janusflow.data.transforms import gen_crop, gen_pixels
 from janusflow.eval import metrics, shapes_geneval
 from janusflow.eval.siglip_score import SigLIPJudge
 from janusflow.pipeline import Pipeline, left_pad, load_pipeline
@@ -73,7 +74,7 @@ def load_eval_data(data_dir: str | Path, num_images: int, num_vqa: int) -> EvalD
 def gen_latents_and_prompts(images: list[Image.Image], captions: list[str], codec, tokenizer: Tokenizer,
                             image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Data latents [N, C, h, w] (centre crop, as the latent cache) and the left-padded training prefixes."""
-    pixels = torch.stack([gen_transform(im, image_size, None) for im in images])
+    pixels = gen_pixels(torch.stack([gen_crop(im, image_size) for im in images]))
     device = next(codec.parameters()).device
     latents = torch.cat([codec.encode(pixels[s:s + 64].to(device)).float().cpu() for s in range(0, len(pixels), 64)])
     ids, mask = left_pad([tokenizer.encode(sft_prompt(c)) for c in captions], tokenizer.pad_id)
@@ -160,7 +161,7 @@ def _geneval(pipe: Pipeline, data: EvalData, n_per_category: int, steps: int, cf
 
 def _fd(pipe: Pipeline, fake: list[Image.Image], real: list[Image.Image], encoder: torch.nn.Module) -> float:
     und = pipe.model.config.und_encoder
-    feats = [metrics.encoder_features(encoder, images, und.image_size, und.image_mean, und.image_std)
+    feats = [metrics.encoder_features(encoder, images, und)
              for images in (fake, real)]
     return metrics.frechet_distance_of(*feats)
 

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from janusflow.config import UndEncoderConfig, from_dict
-from janusflow.data.sources import und_transform
+from janusflow.data.transforms import siglip_pixels
 from janusflow.models.siglip_text import TEXT_TOWER_FILE, ByteTextTower, load_text_tower, tokenize_captions
 from janusflow.models.und_encoder import SigLIPTower
 
@@ -55,8 +55,7 @@ class SigLIPJudge(nn.Module):
             raise ValueError(f"{len(images)} images for {len(captions)} captions (need >= 1 pair)")
         cfg, out = self.und_cfg, []
         for s in range(0, len(images), batch_size):
-            pixels = torch.stack([und_transform(im, cfg.image_size, cfg.image_mean, cfg.image_std)
-                                  for im in images[s:s + batch_size]])
+            pixels = torch.stack([siglip_pixels(im, cfg) for im in images[s:s + batch_size]])
             ids, mask = tokenize_captions(list(captions[s:s + batch_size]), self.text.max_len)
             img = F.normalize(self.vision.pooled(pixels), dim=-1)
             txt = F.normalize(self.text(ids, mask), dim=-1)

@@ -73,6 +73,18 @@ class UVitBlock(nn.Module):
         return x
 
 
+def patch_padding(kernel_size: int, stride: int) -> int:
+    """The official patchify conv's padding (``ceil(kernel_size - stride)``, never negative)."""
+    return max(kernel_size - stride, 0)
+
+
+def token_grid(latent_hw: tuple[int, int], kernel_size: int, stride: int) -> tuple[int, int]:
+    """(h, w) of the generation encoder's token grid for a latent of spatial size ``latent_hw``."""
+    pad = patch_padding(kernel_size, stride)
+    h, w = ((side + 2 * pad - kernel_size) // stride + 1 for side in latent_hw)
+    return h, w
+
+
 class ShallowUViTEncoder(nn.Module):
     """z_t, t*1000 -> (tokens [B, D, h, w], t_emb [B, hidden], skips)."""
 
@@ -81,8 +93,7 @@ class ShallowUViTEncoder(nn.Module):
         super().__init__()
         self.time_proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(channels, hidden_size, sample_proj_bias=use_bias)
-        padding = max(kernel_size - stride, 0)
-        self.in_conv = nn.Conv2d(latent_channels, channels, kernel_size, stride, padding)
+        self.in_conv = nn.Conv2d(latent_channels, channels, kernel_size, stride, patch_padding(kernel_size, stride))
         self.mid_block = UVitBlock(channels, num_blocks, hidden_size, norm_eps, use_bias)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -96,11 +107,12 @@ class ShallowUViTEncoder(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """A clear error for a latent of the wrong shape, instead of a convolution error deep in torch."""
         conv = self.in_conv
-        k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        k, s = conv.kernel_size[0], conv.stride[0]
         if x.dim() != 4 or x.shape[1] != conv.in_channels:
             raise ValueError(f"the generation encoder takes latents [B, {conv.in_channels}, H, W], got {list(x.shape)}")
-        for side in x.shape[2:]:
-            if side < k or ((side + 2 * p - k) // s + 1) * s != side:  # the decoder would not give this size back
+        grid = token_grid(tuple(x.shape[2:]), k, s)
+        for side, tokens in zip(x.shape[2:], grid):
+            if side < k or tokens * s != side:  # the decoder would not give this size back
                 raise ValueError(f"latent size {tuple(x.shape[2:])} does not fit the generation encoder "
                                  f"(kernel {k}, stride {s}): sides must be multiples of {s}, at least {k}")
 

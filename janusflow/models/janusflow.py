@@ -27,8 +27,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from janusflow.config import ModelConfig
 from janusflow.models import official_format
-from janusflow.models.gen_encdec import ShallowUViTDecoder, ShallowUViTEncoder
+from janusflow.models.gen_encdec import ShallowUViTDecoder, ShallowUViTEncoder, token_grid
 from janusflow.models.llm import build_llm
+from janusflow.models.packing import packed_attention
 from janusflow.models.und_encoder import SigLIPTower
 
 # Keys that may be absent from a checkpoint without harm (the unused SigLIP pooling head,
@@ -103,10 +104,11 @@ class JanusFlow(nn.Module):
 
         image_seq_mask [B, L] marks each image's <begin_of_image> and its N placeholders, images in order.
         """
-        embeds = self.embed_tokens(input_ids)
         if pixel_values is None or pixel_values.shape[0] == 0:
-            return embeds
-        return self.place_und_images(embeds, self.encode_und_images(pixel_values).to(embeds.dtype), image_seq_mask)
+            return self.embed_tokens(input_ids)
+        images = self.encode_und_images(pixel_values)  # first: training runs the same module order with or without
+        embeds = self.embed_tokens(input_ids)
+        return self.place_und_images(embeds, images.to(embeds.dtype), image_seq_mask)
 
     @staticmethod
     def place_und_images(embeds: torch.Tensor, images: torch.Tensor, image_seq_mask: torch.Tensor) -> torch.Tensor:
@@ -136,8 +138,8 @@ class JanusFlow(nn.Module):
 
     def num_gen_tokens(self, latent_hw: tuple[int, int]) -> int:
         """Number of LLM image tokens for a latent of spatial size latent_hw."""
-        conv = self.vision_gen_enc_model.in_conv
-        h, w = ((s + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1 for s in latent_hw)
+        gen = self.config.gen_encoder
+        h, w = token_grid(latent_hw, gen.kernel_size, gen.stride)
         return h * w
 
     # ------------------------------------------------------------------ forwards
@@ -161,13 +163,38 @@ class JanusFlow(nn.Module):
         inner = out.hidden_states[hidden_layer][:, -n:] if hidden_layer is not None else None
         return v, inner
 
-    def forward_und(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    pixel_values: torch.Tensor | None = None, image_seq_mask: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None):
-        """Understanding / text forward: returns the transformers CausalLMOutput (loss when labels given)."""
+    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segments: torch.Tensor,
+                       pixel_values: torch.Tensor | None = None, image_seq_mask: torch.Tensor | None = None,
+                       gen: GenInputs | None = None, gen_slots: torch.Tensor | None = None,
+                       hidden_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One LLM pass over packed rows [R, L] holding samples of every task (janusflow.data.batch.collate_packed).
+
+        Understanding images go to ``image_seq_mask``; each generation sample's [t_emb, image tokens] to its row of
+        ``gen_slots`` [G, 1 + N] (flat positions row * L + column); every sample attends only to itself
+        (janusflow.models.packing). Returns the last hidden state [R, L, hidden] and the one after block
+        ``hidden_layer`` (or None).
+        """
         embeds = self.und_inputs_embeds(input_ids, pixel_values, image_seq_mask)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
-                                   use_cache=False)
+        if gen is not None:
+            values = torch.cat([gen.t_emb.unsqueeze(1), gen.tokens], dim=1).to(embeds.dtype)
+            flat = embeds.reshape(-1, embeds.shape[-1]).index_put((gen_slots.flatten(),), values.flatten(0, 1))
+            embeds = flat.view_as(embeds)
+        kwargs = packed_attention(segments, position_ids, self.language_model.config._attn_implementation,
+                                  embeds.dtype)
+        out = self.language_model.model(inputs_embeds=embeds.reshape(kwargs.pop("shape")), use_cache=False,
+                                        output_hidden_states=hidden_layer is not None, **kwargs)
+        inner = out.hidden_states[hidden_layer].view_as(embeds) if hidden_layer is not None else None
+        return out.last_hidden_state.view_as(embeds), inner
+
+    def forward_und(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    pixel_values: torch.Tensor | None = None, image_seq_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        """Understanding / text forward (training and evaluation): the transformers CausalLMOutput, logits
+        [B, L, vocab] (and a loss when ``labels`` are given). Packed rows pass ``position_ids`` restarting per sample
+        and no ``attention_mask``: transformers then masks per sample."""
+        embeds = self.und_inputs_embeds(input_ids, pixel_values, image_seq_mask)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                   labels=labels, use_cache=False)
 
     # ------------------------------------------------------------------ I/O
 

@@ -4,9 +4,9 @@
 - ``shared_gen`` / ``separate_gen`` (the paper's ablations B and C): the image as the VAE sees it ([-1, 1] at
   gen_image_size, padded to square), encoded to scaled latents [B, C, h, w]; one token per gen-encoder patch.
 
-The model itself holds no VAE, so the data side makes pixels and the caller, which has the codec, encodes them:
+The model itself holds no VAE: the data side makes pixels (``janusflow.data.transforms.und_pixels``) and the
+caller, which has the codec, encodes them:
 
-    pixels = torch.stack([und_pixels(image, cfg) for image in images])     # no codec needed (data workers)
     inputs = und_encoder_inputs(pixels, cfg, codec)                         # what model.encode_und_images takes
     n = num_und_tokens(cfg, codec.latent_shape(cfg.gen_image_size)[1:])     # image placeholders per image
 """
@@ -14,29 +14,14 @@ The model itself holds no VAE, so the data side makes pixels and the caller, whi
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
 from janusflow.config import ModelConfig
-from janusflow.data.sources import und_transform
-
-VAE_RANGE = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # mean / std that map [0, 1] pixels to the VAE's [-1, 1]
-
-
-def uses_vae(cfg: ModelConfig) -> bool:
-    return cfg.und_encoder_kind != "siglip"
-
-
-def und_pixels(image: Image.Image, cfg: ModelConfig) -> torch.Tensor:
-    """One image -> [3, S, S]: SigLIP's preprocessing, or [-1, 1] at gen_image_size for the VAE kinds."""
-    if uses_vae(cfg):
-        return und_transform(image, cfg.gen_image_size, *VAE_RANGE)
-    und = cfg.und_encoder
-    return und_transform(image, und.image_size, und.image_mean, und.image_std)
+from janusflow.models.gen_encdec import token_grid
 
 
 def und_encoder_inputs(pixels: torch.Tensor, cfg: ModelConfig, codec) -> torch.Tensor:
     """``und_pixels`` batch [B, 3, S, S] -> the model's understanding input (scaled latents for the VAE kinds)."""
-    if not uses_vae(cfg):
+    if not cfg.und_uses_vae:
         return pixels
     if codec is None:
         raise ValueError(f"und_encoder_kind={cfg.und_encoder_kind} encodes understanding images with the VAE, "
@@ -46,12 +31,10 @@ def und_encoder_inputs(pixels: torch.Tensor, cfg: ModelConfig, codec) -> torch.T
 
 def num_und_tokens(cfg: ModelConfig, latent_hw: tuple[int, int] | None = None) -> int:
     """LLM positions of one understanding image (without beg_of_und_embed); the VAE kinds need the latent size."""
-    if not uses_vae(cfg):
+    if not cfg.und_uses_vae:
         und = cfg.und_encoder
         return (und.image_size // und.patch_size) ** 2
     if latent_hw is None:
         raise ValueError(f"und_encoder_kind={cfg.und_encoder_kind}: the token count depends on the latent size")
-    gen = cfg.gen_encoder
-    pad = max(gen.kernel_size - gen.stride, 0)
-    h, w = ((s + 2 * pad - gen.kernel_size) // gen.stride + 1 for s in latent_hw)
+    h, w = token_grid(latent_hw, cfg.gen_encoder.kernel_size, cfg.gen_encoder.stride)
     return h * w

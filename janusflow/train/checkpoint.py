@@ -17,37 +17,15 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from janusflow.io import write_text_atomic
+from janusflow.train.distributed import barrier, rank
+from janusflow.train.logging import print0
 
 TAG = re.compile(r"^step-(\d+)$")
 BYTES_PER_PARAM = 20
 """One checkpoint's size per model parameter, fp32: the module weights (4), the EMA in state.pt (4), and the
 ZeRO optimizer's master copy and two AdamW moments (12) -- an upper bound when parts of the model are frozen."""
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_dir_atomic(target: Path, write) -> Path:
-    """``write(tmp_dir)`` then rename it to ``target``: a kill leaves the old target or none, never half of one."""
-    tmp = target.with_name(f"{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
 
 
 def _size(n: float) -> str:
@@ -64,6 +42,10 @@ def check_disk_space(path: Path, num_params: int) -> None:
                       f"{num_params / 1e6:.1f}M-parameter model needs about {_size(needed)}")
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed as asked (e.g. it was written by another number of ranks)."""
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep: int = 2):
         self.root = Path(root)
@@ -78,21 +60,21 @@ class CheckpointManager:
 
     def clean_incomplete(self) -> None:
         """Remove leftovers of interrupted saves (rank 0, at start)."""
-        if _rank() == 0 and self.root.exists():
+        if rank() == 0 and self.root.exists():
             for d in self.root.glob("*.tmp"):
                 shutil.rmtree(d, ignore_errors=True)
-        _barrier()
+        barrier()
 
     def save(self, engine, step: int, state: dict) -> str:
         tag = f"step-{step:06d}"
         tmp_tag = f"{tag}.tmp"
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        barrier()
         try:
             engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
-            if _rank() == 0:
+            if rank() == 0:
                 torch.save(state, self.root / tmp_tag / "state.pt")
         except OSError as e:  # e.g. ENOSPC: drop the partial write; `latest` still names the previous one
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
@@ -100,14 +82,34 @@ class CheckpointManager:
             keep = f"{self.root / previous} stays the latest checkpoint" if previous else "there is no checkpoint yet"
             raise OSError(f"writing checkpoint {self.root / tag} failed ({e.strerror or e}); the partial write was "
                           f"removed and {keep}. Free disk space, then resume") from e
-        _barrier()
-        if _rank() == 0:
+        barrier()
+        if rank() == 0:
             shutil.rmtree(self.root / tag, ignore_errors=True)
             os.replace(self.root / tmp_tag, self.root / tag)
             write_text_atomic(self.root / "latest", tag)
             self._prune(tag)
-        _barrier()
+        barrier()
         return tag
+
+    def check_resumable(self, tag: str, ema_model, world: int, zero_stage: int, resume: str) -> bool:
+        """True when only the weights can be resumed (another number of ranks or ZeRO stage, and ``resume`` is
+        "weights"). A checkpoint of another model configuration fails here, naming the keys, before DeepSpeed
+        loads it (``ema_model.load_checked_state_dict``)."""
+        saved = torch.load(self.root / tag / "state.pt", map_location="cpu", weights_only=False)
+        path = self.root / tag
+        ema_model.load_checked_state_dict(saved["ema"], source=f"checkpoint {path}")
+        was_world, was_zero = saved.get("world_size", world), saved.get("zero_stage", zero_stage)
+        if (was_world == world and was_zero == zero_stage) or was_zero == zero_stage == 0:
+            return False
+        if resume == "weights":
+            print0(f"resuming {path} (written by {was_world} ranks, ZeRO stage {was_zero}) on {world} (stage "
+                  f"{zero_stage}): weights, EMA and data position continue, the optimizer state starts afresh")
+            return True
+        raise ResumeError(
+            f"{path} was written by {was_world} ranks (ZeRO stage {was_zero}) and this run has {world} (stage "
+            f"{zero_stage}): DeepSpeed's optimizer state only reloads on the same number of ranks and ZeRO stage. "
+            f"Resume with {was_world} ranks, or pass --resume weights to continue from its weights, EMA and data "
+            f"position with a fresh optimizer state.")
 
     def load(self, engine, tag: str, module_only: bool = False) -> dict:
         path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=not module_only,

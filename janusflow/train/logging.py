@@ -17,10 +17,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from janusflow.config import LoggingConfig
+from janusflow.io import read_jsonl_records
+from janusflow.train.distributed import rank
 
 
 def print0(*args, **kwargs) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank() == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -49,15 +51,9 @@ class RunLogger:
         """On resume, drop metrics the interrupted run logged after the checkpoint it resumes from."""
         if not self.enabled or not self.metrics_path.exists():
             return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if not (row.get("stage") == stage and row["step"] > step):
-                keep.append(line)
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        rows = read_jsonl_records(self.metrics_path)  # a line cut short by a kill is dropped
+        keep = [r for r in rows if not (r.get("stage") == stage and r["step"] > step)]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def start_bar(self, stage: str, start: int, total: int) -> None:
         if self.enabled and self.cfg.progress_bar:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from janusflow.config import CodecConfig, LLMConfig, Recipe, UndEncoderConfig, to_dict
+from janusflow.data.transforms import siglip_view
+from janusflow.io import build_once, read_jsonl
 from janusflow.models.codec import LatentCodec
 from janusflow.models.llm import build_llm
 from janusflow.models.siglip_text import TEXT_TOWER_FILE, ByteTextTower, save_text_tower, tokenize_captions
@@ -59,23 +60,6 @@ def shapes_key(recipe: Recipe) -> dict:
 
 def cache_root(recipe: Recipe) -> Path:
     return Path(os.environ.get("JANUSFLOW_CACHE", recipe.resolved_run_dir.parent / "_cache"))
-
-
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp_dir)`` unless ``target`` exists; publish the result atomically."""
-    if target.exists():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    os.replace(tmp, target)
-    return target
-
-
-def _jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file the prep wrote itself (so every line parses; blank lines are skipped)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _progress(total: int, desc: str):
@@ -201,8 +185,8 @@ def train_llm(texts: list[list[int]], cfg: LLMConfig, pad_id: int, steps: int, b
 
 def lm_corpus(data_dir: Path) -> list[str]:
     """The shapes world's plain text: every training caption and the text corpus."""
-    return ([r["caption"] for r in _jsonl(data_dir / "gen_train.jsonl")]
-            + [r["text"] for r in _jsonl(data_dir / "text_train.jsonl")])
+    return ([r["caption"] for r in read_jsonl(data_dir / "gen_train.jsonl")]
+            + [r["text"] for r in read_jsonl(data_dir / "text_train.jsonl")])
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -259,7 +243,7 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
                           SIGLIP_FORMAT)
 
         def build_siglip(tmp: Path) -> None:
-            pixels = _und_pixels(images, und)
+            pixels = siglip_view((images + 1) / 2, und)
             tower, text_side, losses = train_siglip(pixels, captions, und, recipe.prep.siglip_steps,
                                                     recipe.prep.siglip_batch_size)
             save_siglip(tmp, tower, text_side, und, losses)
@@ -278,11 +262,11 @@ def prepare_tokenizer(data_dir: Path, recipe: Recipe, root: Path, log: Callable[
     key = config_hash(shapes_key(recipe), size, TOKENIZER_FORMAT)
 
     def corpus() -> list[str]:
-        texts = [gen_prompt(r["caption"]) for r in _jsonl(data_dir / "gen_train.jsonl")]
+        texts = [gen_prompt(r["caption"]) for r in read_jsonl(data_dir / "gen_train.jsonl")]
         for record in json.loads((data_dir / "und_train.json").read_text()):
             turns = [t["value"].replace("<image>", "").strip() for t in record["conversations"]]
             texts += [sft_prompt(q, recipe.data.und_system_prompt) + f" {a}" for q, a in zip(turns[::2], turns[1::2])]
-        texts += [r["text"] for r in _jsonl(data_dir / "text_train.jsonl")]
+        texts += [r["text"] for r in read_jsonl(data_dir / "text_train.jsonl")]
         return texts + [OFFICIAL_SYSTEM_PROMPT]
 
     def build(tmp: Path) -> None:
@@ -324,18 +308,8 @@ def _load_train_images(data_dir: Path, size: int) -> tuple[torch.Tensor, list[st
     import numpy as np
     from PIL import Image
 
-    rows = _jsonl(data_dir / "gen_train.jsonl")
+    rows = read_jsonl(data_dir / "gen_train.jsonl")
     arr = np.stack([np.asarray(Image.open(data_dir / r["image"]).convert("RGB").resize((size, size)))
                     for r in rows])
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
     return images, [r["caption"] for r in rows]
-
-
-def _und_pixels(images: torch.Tensor, und: UndEncoderConfig) -> torch.Tensor:
-    """[-1, 1] images -> the understanding encoder's input (resized, mean/std normalised)."""
-    x = (images + 1) / 2
-    if x.shape[-1] != und.image_size:
-        x = F.interpolate(x, size=(und.image_size, und.image_size), mode="bicubic", align_corners=False)
-    mean = torch.tensor(und.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(und.image_std).view(1, 3, 1, 1)
-    return (x - mean) / std

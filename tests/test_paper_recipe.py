@@ -1,0 +1,164 @@
+"""The paper's recipe as the paper ran it: the REPA projector across stages, exact restarts, the LLM's width,
+per-stage data and templates, long texts, random crops through the latent cache, fp32 flow numerics in bf16."""
+
+import hashlib
+
+import pytest
+import torch
+
+from janusflow.config import CodecConfig, ConfigError, MixturePhase, TimeSamplingConfig, load_recipe, model_config
+from janusflow.data.mixture import MixtureSchedule, MixtureStream, SampleBuilder
+from janusflow.data.sources import CaptionRecord
+from janusflow.models.codec import LatentCodec
+from janusflow.models.janusflow import JanusFlow
+from janusflow.tokenizer import ByteTokenizer
+from janusflow.train.losses import TrainModule
+from tests.conftest import randomize
+from tests.test_speed import _sources
+
+
+def _md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the REPA projector
+
+
+def test_repa_warmup_trains_the_projector_alone(tmp_path):
+    from tests.test_packing import _codec, _stream
+
+    batch = next(_stream(_sources(tmp_path), MixturePhase(und=0, gen=1, text=0)).micro_batches(0, 4, 4))
+    with torch.no_grad():
+        batch = batch.to_device(torch.device("cpu"), torch.float32, _codec())
+    grads = {}
+    for name, weight, warmup in (("off", 0.0, False), ("warm", 1.0, True), ("on", 1.0, False)):
+        torch.manual_seed(0)
+        module = randomize(TrainModule(JanusFlow(model_config("tiny")), weight, 1, 16)).train()
+        module.repa_projector_only = warmup
+        module(batch)["loss"].backward()
+        grads[name] = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    llm = [n for n in grads["off"] if n.startswith("model.language_model.model.layers.0.")]
+    assert llm and all(torch.equal(grads["warm"][n], grads["off"][n]) for n in llm)  # no REPA gradient in the LLM
+    assert any(not torch.allclose(grads["on"][n], grads["off"][n]) for n in llm)
+    assert any(n.startswith("projector.") and grads["warm"][n].abs().sum() > 0 for n in grads["warm"])
+    with pytest.raises(ConfigError, match="repa_warmup_steps"):
+        load_recipe("tiny", ["stages.0.repa_warmup_steps=9"])
+    assert load_recipe("janusflow-1.3b-sft").stages[0].repa_warmup_steps > 0  # the release ships no projector
+
+
+# ----------------------------------------------------------------------------- data per stage and templates
+
+
+def _builder() -> SampleBuilder:
+    cfg = load_recipe("tiny")
+    return SampleBuilder(ByteTokenizer(), cfg.model, cfg.data, "", 16)
+
+
+def test_the_papers_templates():
+    tok, b = ByteTokenizer(), _builder()
+    assert tok.decode(b.prompt_ids("a red circle", "raw")) == "a red circle"  # stages 1-2: "<prompt><image>"
+    assert b.prompt_ids("a red circle", "raw")[0] == tok.bos_id
+    assert tok.decode(b.prompt_ids("a red circle", "sft")) == "User: a red circle\n\nAssistant:"
+    from PIL import Image
+
+    sample = b.und(CaptionRecord(Image.new("RGB", (32, 32), "red"), "a red square"))
+    text = tok.decode([i for i in sample.ids if i != tok.image_id], skip_special_tokens=False)
+    assert "Generate the caption of this picture. a red square" in text and sample.image is not None
+    answer = [t for t, lab in zip(sample.ids, sample.labels) if lab != -100]
+    assert tok.decode(answer) == " a red square"  # the caption (and EOS) carry the loss, the instruction does not
+
+
+def test_stages_read_their_own_sources_with_their_own_templates(tmp_path, cache):
+    from janusflow.train.data_setup import RunData
+
+    data = tmp_path / "shapes"
+    _sources(tmp_path)  # writes the shapes world
+    recipe = load_recipe("tiny", [f"data.gen=[{{path: {data}/gen_train.jsonl, format: caption_jsonl, template: raw}}]",
+                                  f"stages.2.data.gen=[{{path: {data}/gen_val.jsonl, format: caption_jsonl}}]",
+                                  f"stages.2.data.und=[{{path: {data}/gen_val.jsonl, format: caption_jsonl}}]"])
+    codec = LatentCodec.from_config(CodecConfig(preset="tiny"))
+    run = RunData(recipe, data, codec, None)
+    tok = ByteTokenizer()
+    first = next(run.stream(0, tok, None, repa=False).micro_batches(0, 8, 8))
+    last = next(run.stream(2, tok, None, repa=False).micro_batches(0, 8, 8))
+    assert run.source_cfgs(2)["text"] == run.source_cfgs(0)["text"]  # a task the stage leaves out keeps the recipe's
+    assert str(run.source_cfgs(2)["gen"][0].path).endswith("gen_val.jsonl")
+    kept = first.gen.prompt_mask.sum(1) > 1  # rows whose prompt was not dropped for CFG
+    assert kept.any() and not any("User:" in tok.decode(r.tolist()) for r in first.gen.prompt_ids[kept])
+    rows = last.gen.prompt_ids[last.gen.prompt_mask.sum(1) > 1]
+    assert all("User:" in tok.decode(r.tolist()) for r in rows)  # stage 3's own source, the SFT template
+    assert any("Generate the caption" in tok.decode(r.tolist()) for r in last.ar.input_ids)  # caption data as und
+
+
+def test_the_13b_recipes_follow_the_paper():
+    r = load_recipe("janusflow-1.3b")
+    assert r.model.llm.intermediate_size == 5632 and r.data.pack_length == 4096
+    assert [s.batch_unit for s in r.stages] == ["sequences"] * 3
+    assert all(src.template == "raw" for src in r.data.gen)  # stages 1-2: "<prompt><image>"
+    sft = r.stages[2]
+    assert sft.data is not None and all(src.template == "sft" for src in sft.data.gen)
+    assert sft.data.und and sft.data.text and sft.data.und != r.data.und  # instruction data, not pre-training data
+    assert any(src.template == "caption" for src in r.data.und)
+    with pytest.raises(ConfigError, match="batch_unit"):
+        load_recipe("tiny", ["stages.0.batch_unit=sequences"])
+
+
+# ----------------------------------------------------------------------------- long text, crops
+
+
+def test_random_crops_survive_the_latent_cache(tmp_path):
+    from PIL import Image
+
+    from janusflow.data.latent_cache import build_latent_cache, cached_crop
+    from janusflow.data.sources import CaptionJsonlSource
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    rows = []
+    for i in range(3):
+        Image.effect_noise((96, 32), 80 + i).convert("RGB").save(folder / f"{i}.png")
+        rows.append(f'{{"image": "{i}.png", "caption": "noise {i}"}}')
+    (folder / "gen.jsonl").write_text("\n".join(rows) + "\n")
+    src = CaptionJsonlSource(folder / "gen.jsonl")
+    codec = LatentCodec.from_config(CodecConfig(preset="tiny"))
+    cache_ = build_latent_cache([src], codec, 32, [tmp_path / "latents.pt"], crops=4)
+    assert cache_.crops == 4 and cache_.values[0].shape[:2] == (3, 4)
+    crops = [cached_crop(src[1].image, 1, k, 32) for k in range(4)]
+    assert len({c.float().sum().item() for c in crops}) == 4  # four different crops of a wide image
+    with torch.no_grad():
+        direct = codec.encode(torch.stack([c.float() / 127.5 - 1 for c in crops]))
+    torch.testing.assert_close(torch.stack([cache_.get(0, 1, k) for k in range(4)]), direct, rtol=1e-5, atol=1e-5)
+    stream = MixtureStream({"gen": [src]}, _builder(), MixtureSchedule([MixturePhase(und=0, gen=1, text=0)]), seed=0,
+                           cfg_drop_prob=0.0, time_cfg=TimeSamplingConfig(), latent_cache=cache_, repa=False)
+    seen = {round(s.latent.sum().item(), 4) for step in range(20) for s in stream.global_batch(step, 4)}
+    assert len(seen) > 6  # uses draw different crops of the three images
+
+
+# ----------------------------------------------------------------------------- bf16 numerics
+
+
+def test_bf16_keeps_the_flow_in_fp32(tmp_path, monkeypatch):
+    import janusflow.train.losses as objective
+    from tests.test_packing import _codec, _stream
+
+    seen = {}
+    real_noisy, real_rf = objective.noisy_latents, objective.rf_loss
+
+    def noisy(x1, t, seed):
+        z_t, target = real_noisy(x1, t, seed)
+        seen.update(x1=x1.dtype, t=t.dtype, z_t=z_t.dtype, target=target.dtype)
+        return z_t, target
+
+    monkeypatch.setattr(objective, "noisy_latents", noisy)
+    monkeypatch.setattr(objective, "rf_loss", lambda v, target: seen.update(v=v.dtype, rf_target=target.dtype)
+                        or real_rf(v, target))
+    batch = next(_stream(_sources(tmp_path), MixturePhase(und=1, gen=1, text=0)).micro_batches(0, 4, 4))
+    with torch.no_grad():
+        batch = batch.to_device(torch.device("cpu"), torch.bfloat16, _codec())
+    assert batch.ar.images.dtype == torch.bfloat16  # the model's inputs take the model's dtype
+    torch.manual_seed(0)
+    module = TrainModule(JanusFlow(model_config("tiny")).to(torch.bfloat16), 1.0, 1, 16).to(torch.bfloat16)
+    out = module(batch)
+    assert torch.isfinite(out["loss"])
+    assert seen["x1"] == seen["t"] == seen["z_t"] == seen["target"] == seen["rf_target"] == torch.float32
+    assert seen["v"] == torch.bfloat16  # the model's output; the MSE is taken in fp32
