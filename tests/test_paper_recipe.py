@@ -2,19 +2,22 @@
 per-stage data and templates, long texts, random crops through the latent cache, fp32 flow numerics in bf16."""
 
 import hashlib
+import random
+import shutil
 
 import pytest
 import torch
 
 from janusflow.config import CodecConfig, ConfigError, MixturePhase, TimeSamplingConfig, load_recipe, model_config
 from janusflow.data.mixture import MixtureSchedule, MixtureStream, SampleBuilder
-from janusflow.data.sources import CaptionRecord
+from janusflow.data.sources import CaptionRecord, TextRecord
 from janusflow.models.codec import LatentCodec
 from janusflow.models.janusflow import JanusFlow
 from janusflow.tokenizer import ByteTokenizer
 from janusflow.train.losses import TrainModule
 from tests.conftest import randomize
 from tests.test_speed import _sources
+from tests.test_training import run_tiny
 
 
 def _md5(path) -> str:
@@ -22,6 +25,29 @@ def _md5(path) -> str:
 
 
 # ----------------------------------------------------------------------------- the REPA projector
+
+
+def test_the_repa_projector_travels_between_stages_and_never_into_the_export(tmp_path, cache, monkeypatch):
+    from safetensors.torch import load_file
+
+    from janusflow.train import stage_init
+
+    loaded, real = [], stage_init.load_projector
+
+    def spy(projector, start):
+        found = real(projector, start)
+        loaded.append((start.parent.name if found else None, {k: v.clone() for k, v in projector.state_dict().items()}))
+        return found
+
+    monkeypatch.setattr(stage_init, "load_projector", spy)
+    run = tmp_path / "run"
+    run_tiny(run)
+    assert [name for name, _ in loaded] == [None, "1-adaptation", "2-pretrain"]  # stage 1 starts it fresh
+    for (_, state), stage in zip(loaded[1:], ("1-adaptation", "2-pretrain")):
+        saved = load_file(str(run / "stages" / stage / "final" / stage_init.PROJECTOR_FILE))
+        assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    assert not any("projector" in k for k in exported) and not (run / "export" / stage_init.PROJECTOR_FILE).exists()
 
 
 def test_repa_warmup_trains_the_projector_alone(tmp_path):
@@ -44,6 +70,21 @@ def test_repa_warmup_trains_the_projector_alone(tmp_path):
     with pytest.raises(ConfigError, match="repa_warmup_steps"):
         load_recipe("tiny", ["stages.0.repa_warmup_steps=9"])
     assert load_recipe("janusflow-1.3b-sft").stages[0].repa_warmup_steps > 0  # the release ships no projector
+
+
+# ----------------------------------------------------------------------------- exact restart
+
+
+def test_a_stage_restarted_before_its_first_checkpoint_gives_the_uninterrupted_export(tmp_path, cache):
+    """A kill in stage 2 before its first checkpoint (every 7 steps; killed at step 5), then the same command:
+    stage 2 starts again from stage 1's weights in a new trainer, and must draw exactly what it drew before."""
+    common = ["stages.1.max_steps=10", "train.save_every=7"]
+    run_tiny(tmp_path / "a", common)
+    run_tiny(tmp_path / "b", common, stop_after=2 + 5)  # stage 1's 2 steps, then 5 of stage 2
+    shutil.rmtree(tmp_path / "b" / "stages" / "2-pretrain" / "checkpoints")  # the kill came before any checkpoint
+    run_tiny(tmp_path / "b", common)
+    exports = [tmp_path / run / "export" / "model.safetensors" for run in ("a", "b")]
+    assert _md5(exports[0]) == _md5(exports[1])
 
 
 # ----------------------------------------------------------------------------- data per stage and templates
@@ -104,6 +145,17 @@ def test_the_13b_recipes_follow_the_paper():
 
 
 # ----------------------------------------------------------------------------- long text, crops
+
+
+def test_long_text_is_chunked_not_cut():
+    b, tok = _builder(), ByteTokenizer()
+    context = load_recipe("tiny").data.max_seq_len
+    text = "".join(chr(97 + i % 26) for i in range(3 * context))
+    chunks = b.text(TextRecord(text), random.Random(0), all_chunks=True)
+    assert len(chunks) == 4 and all(len(c.ids) <= context for c in chunks)
+    assert "".join(tok.decode(c.ids) for c in chunks) == text and b.stats["text_chunked"] == 1
+    one = b.text(TextRecord(text), random.Random(1))
+    assert len(one) == 1 and tok.decode(one[0].ids) in text
 
 
 def test_random_crops_survive_the_latent_cache(tmp_path):

@@ -250,8 +250,8 @@ def test_long_captions_and_conversations_are_truncated_and_long_texts_chunked():
     long = builder.gen(CaptionRecord(img, "x" * 500), random.Random(0), center_crop=True,
                        drop_prob=0.0)
     assert builder.stats == {"truncated_caption": 1} and tok.decode(long.prompt_ids).count("x") == 64
-    text = builder.text(TextRecord("y" * 500), random.Random(0))
-    assert builder.stats["truncated_text"] == 1 and len(text[0].ids) == 64 + 2
+    text = builder.text(TextRecord("y" * 500), random.Random(0), all_chunks=True)  # chunked to the context
+    assert builder.stats["text_chunked"] == 1 and [len(t.ids) for t in text] == [256, 500 - 254 + 2]
     conv = builder.und(ConversationRecord(img, [("user", "what?"), ("assistant", "z" * 500)]))
     assert builder.stats["truncated_conversation"] == 1 and len(conv.ids) == len(conv.labels) == 256
     assert conv.ids.count(tok.image_id) == 16 and conv.ids.count(tok.boi_id) == 1  # the image block is whole

@@ -172,11 +172,15 @@ class SampleBuilder:
         return ArSample("und", ids, labels, und_pixels(image, self.model_cfg) if image is not None else None)
 
     def text(self, rec: TextRecord, rng: random.Random, all_chunks: bool = False) -> list[ArSample]:
-        """A text line as [BOS, tokens, EOS], truncated to data.max_text_len tokens (counted)."""
-        limit = min(self.data_cfg.max_text_len, self.data_cfg.max_seq_len - 2)  # room for BOS and EOS
-        ids = self._truncate(self.tok.encode(rec.text, add_bos=False), limit, "text")
-        ids = [self.tok.bos_id, *ids, self.tok.eos_id]
-        return [ArSample("text", ids, list(ids))]
+        """A text line as [BOS, tokens, EOS]; a line longer than the context is cut into chunks of the context
+        (counted as ``text_chunked``), all of them (``all_chunks``, for packed rows) or one drawn from ``rng``."""
+        size = self.data_cfg.max_seq_len - 2  # room for BOS and EOS
+        ids = self.tok.encode(rec.text, add_bos=False)
+        chunks = [ids[i:i + size] for i in range(0, max(len(ids), 1), size)]
+        if len(chunks) > 1:
+            self.stats["text_chunked"] += 1
+            chunks = chunks if all_chunks else [chunks[rng.randrange(len(chunks))]]
+        return [ArSample("text", c, list(c)) for c in ([self.tok.bos_id, *c, self.tok.eos_id] for c in chunks)]
 
 
 class MixtureStream:

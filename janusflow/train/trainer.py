@@ -172,9 +172,12 @@ class Trainer:
         trainable = apply_freeze_policy(model, stage.policy)
         repa_weight = r.train.repa.weight if stage.repa_weight is None else stage.repa_weight
         repa_targets = self.data.repa_targets(index, model, self.device) if repa_weight > 0 else None
+        torch.manual_seed(stage_init.stage_seed(r.train.seed, index))  # a fresh projector: from (seed, stage) alone
         module = TrainModule(model, repa_weight, r.train.repa.layer, r.train.repa.hidden_dim,
                              repa_cached=repa_targets is not None)
         start_dir = stage_init.start_directory(r, index, self.stage_dir)
+        if module.projector is not None and not stage_init.load_projector(module.projector, start_dir):
+            print0(f"stage {stage.name}: a fresh REPA projector (none beside the start weights)")
         ema = EMA(ema_init if ema_init is not None else model, r.train.ema_decay)
         ema.model.to(self.device)
         apply_speed_options(model, r.train.activation_checkpointing, r.train.compile)
