@@ -174,7 +174,7 @@ def test_random_crops_survive_the_latent_cache(tmp_path):
     src = CaptionJsonlSource(folder / "gen.jsonl")
     codec = LatentCodec.from_config(CodecConfig(preset="tiny"))
     cache_ = build_latent_cache([src], codec, 32, [tmp_path / "latents.pt"], crops=4)
-    assert cache_.crops == 4 and cache_.values[0].shape[:2] == (3, 4)
+    assert cache_.crops == 4 and cache_.shards[0][0]["latents"].shape[:2] == (3, 4)
     crops = [cached_crop(src[1].image, 1, k, 32) for k in range(4)]
     assert len({c.float().sum().item() for c in crops}) == 4  # four different crops of a wide image
     with torch.no_grad():
@@ -214,3 +214,45 @@ def test_bf16_keeps_the_flow_in_fp32(tmp_path, monkeypatch):
     assert torch.isfinite(out["loss"])
     assert seen["x1"] == seen["t"] == seen["z_t"] == seen["target"] == seen["rf_target"] == torch.float32
     assert seen["v"] == torch.bfloat16  # the model's output; the MSE is taken in fp32
+
+
+# ----------------------------------------------------------------------------- caches at scale
+
+
+def test_latent_cache_shards_are_built_by_every_rank_and_resume(tmp_path, monkeypatch):
+    """Each rank writes its share of the shards; a build that finds shards written writes only the others; the
+    shards read back as one cache, the same as one process builds."""
+    from janusflow.data import latent_cache as lc
+    from janusflow.data.shapes import write_shapes_dataset
+    from janusflow.data.sources import CaptionJsonlSource
+
+    monkeypatch.setattr(lc, "SHARD_RECORDS", 8)
+    data = write_shapes_dataset(tmp_path / "shapes", num_train=30, num_val=2, image_size=32, max_objects=2, seed=0)
+    src = CaptionJsonlSource(data / "gen_train.jsonl")
+    codec = LatentCodec.from_config(CodecConfig(preset="tiny"))
+    writer = lc.latent_writer(codec, 32)
+    one = lc.build_latent_cache([src], codec, 32, [tmp_path / "one"])
+    real, encoded = lc._encode_shard, []
+    monkeypatch.setattr(lc, "_encode_shard", lambda *a: encoded.append(a[6].name) or real(*a))
+    lc.RecordCache.write("latents", [src], *writer, [tmp_path / "two"], rank=1, world=2)
+    assert encoded == ["shard-00001.pt", "shard-00003.pt"]
+    lc.RecordCache.write("latents", [src], *writer, [tmp_path / "two"], rank=1, world=2)  # again: nothing to do
+    lc.RecordCache.write("latents", [src], *writer, [tmp_path / "two"], rank=0, world=2)
+    assert encoded == ["shard-00001.pt", "shard-00003.pt", "shard-00000.pt", "shard-00002.pt"]
+    two = lc.RecordCache.load("latents", [tmp_path / "two"])
+    assert len(two.shards[0]) == 4 and torch.equal(two.valid[0], one.valid[0])
+    assert all(torch.equal(two.get(0, i), one.get(0, i)) for i in range(30))
+
+
+def test_a_repa_cache_over_its_budget_is_left_off(tmp_path, monkeypatch, capsys, cache):
+    from janusflow.train.data_setup import RunData
+
+    _sources(tmp_path)  # writes the shapes world
+    recipe = load_recipe("tiny", [f"data.gen=[{{path: {tmp_path}/shapes/gen_train.jsonl, format: caption_jsonl}}]",
+                                  "data.repa_cache_max_gb=1e-6"])
+    run = RunData(recipe, tmp_path / "shapes", LatentCodec.from_config(CodecConfig(preset="tiny")), None)
+    model = JanusFlow(model_config("tiny")).requires_grad_(False)
+    assert run.repa_targets(0, model, torch.device("cpu")) is None
+    assert "REPA targets are computed live: their cache would take" in capsys.readouterr().out
+    recipe.data.repa_cache_max_gb = 1.0
+    assert run.repa_targets(0, model, torch.device("cpu")) is not None

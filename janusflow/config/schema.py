@@ -216,6 +216,9 @@ class DataConfig:
     cache_repa_features: bool = True
     """With cache_latents, also cache REPA's target (the frozen SigLIP's features of each gen image, fp16) in
     stages where SigLIP is frozen, instead of running SigLIP every step; recomputed when SigLIP's weights change."""
+    repa_cache_max_gb: float = 64.0
+    """The REPA target cache is left off (SigLIP runs live, as in stage 3) when it would take more disk than this:
+    at 384 px a crop's target is 576 x 1024 fp16 = 1.2 MB, so 10M images make 11 TiB."""
     num_workers: int = 0
     """Worker processes that build the next steps' batches ahead of the training step (a torch DataLoader; pinned
     memory on GPU). The batches are the same as with 0 (built in the training process); resume stays exact."""
@@ -236,6 +239,8 @@ class DataConfig:
     def problems(self) -> Problems:
         if self.pack_length < 0:
             yield "pack_length", f"must be >= 0 (0: no packing), got {self.pack_length}"
+        if not self.repa_cache_max_gb >= 0:
+            yield "repa_cache_max_gb", f"must be >= 0, got {self.repa_cache_max_gb}"
         if not 0.0 <= self.cfg_drop_prob < 1.0:
             yield "cfg_drop_prob", "must be in [0, 1)"
         if self.num_workers < 0:

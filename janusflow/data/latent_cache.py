@@ -4,17 +4,22 @@ The paper crops generation images at random (short side to the size, then a rand
 K crops of each image (``data.latent_crops``): crop 0 is the centre crop, crop k >= 1 a random one drawn from
 (record, k) alone; the data stream picks one of the K at random for each use. Both caches see the same crops, so
 a record's cached latent and REPA target correspond exactly. Cost: K encodes per image and K times the disk.
-A cache is one tensor file per source, named by a hash of the source, of K and of what encoded it (for REPA, a
-digest of the encoder's weights: a changed encoder never reads stale features). Files are memory-mapped, so
-data-loader workers share one copy.
 
-    latents = build_latent_cache(sources, codec, 384, paths, crops=4)
+A source's cache is a folder (named by a hash of the source, of K and of what encoded it: for REPA a digest of the
+encoder's weights, so a changed encoder never reads stale features) of shards of ``SHARD_RECORDS`` records,
+``shard-00000.pt`` = {name: [S, K, ...], "valid": [S]}, each written atomically. Every rank encodes the missing
+shards i with i % world == rank (an interrupted build resumes with the shards still missing); then every rank
+memory-maps all of them, so neither the build nor the reading holds a whole dataset's cache in memory.
+
+    write_latent_cache(sources, codec, 384, folders, crops=4, rank=r, world=w)   # this rank's share
+    latents = RecordCache.load("latents", folders)                              # after a barrier
     latents.get(source=0, index=17, crop=2)   # [C, h, w], or None for a record that could not be read
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +32,8 @@ from janusflow.config import UndEncoderConfig
 from janusflow.data.transforms import gen_crop, gen_pixels, siglip_view
 from janusflow.io import atomic_path
 
-FORMAT = 2  # 2: K crops per record ([N, K, ...])
+FORMAT = 3  # 2: K crops per record ([N, K, ...]); 3: a folder of shards per source
+SHARD_RECORDS = 4096  # a multiple of the encode batch, so that shards batch records as one pass would
 
 
 def cached_crop(image, index: int, crop: int, size: int) -> torch.Tensor:
@@ -36,55 +42,79 @@ def cached_crop(image, index: int, crop: int, size: int) -> torch.Tensor:
 
 
 class RecordCache:
-    """K tensors per record of each source (``values[source][index, crop]``), None where a record was broken."""
+    """K tensors per record of each source (``get(source, index, crop)``), None where a record was broken."""
 
-    def __init__(self, values: list[torch.Tensor], valid: list[torch.Tensor]):
-        self.values, self.valid = values, valid
-        self.crops = values[0].shape[1] if values else 1
+    def __init__(self, shards: list[list[dict]], name: str):
+        self.shards, self.name = shards, name
+        self.valid = [torch.cat([s["valid"] for s in per_source]) for per_source in shards]
+        """Per source: bool [N], the records that could be read when the cache was built."""
+        self.crops = shards[0][0][name].shape[1] if shards and shards[0] else 1
 
     def has(self, source: int, index: int) -> bool:
         return bool(self.valid[source][index])
 
     def get(self, source: int, index: int, crop: int = 0) -> torch.Tensor | None:
-        return self.values[source][index, crop].float() if self.has(source, index) else None
+        if not self.has(source, index):
+            return None
+        shard = self.shards[source][index // SHARD_RECORDS]
+        return shard[self.name][index % SHARD_RECORDS, crop].float()
 
     @classmethod
-    def build(cls, name: str, sources: list, encode: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
-              shape: tuple[int, ...], paths: list[Path], crops: int = 1, dtype: torch.dtype = torch.float32,
-              batch_size: int = 64) -> RecordCache:
-        """Load each source's file (``{name: values, "valid": mask}``), first writing it when absent:
-        ``values[i, k] = encode(transform(image_i, i, k))``, batched."""
-        values, valid = [], []
-        for src, path in zip(sources, paths):
-            if not path.exists():
-                _encode_source(name, src, encode, transform, (crops, *shape), path, dtype, batch_size)
-            data = torch.load(path, weights_only=True, mmap=True)
-            values.append(data[name])
-            valid.append(data["valid"])
-        return cls(values, valid)
+    def load(cls, name: str, folders: list[Path]) -> RecordCache:
+        """Memory-map every shard of every source's folder (written by ``write``)."""
+        shards = []
+        for folder in folders:
+            files = sorted(Path(folder).glob("shard-*.pt"))
+            shards.append([torch.load(f, weights_only=True, mmap=True) for f in files])
+        return cls(shards, name)
+
+    @staticmethod
+    def write(name: str, sources: list, encode: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
+              shape: tuple[int, ...], folders: list[Path], crops: int = 1, dtype: torch.dtype = torch.float32,
+              rank: int = 0, world: int = 1, batch_size: int = 64) -> None:
+        """Encode this rank's missing shards: ``values[i, k] = encode(transform(image_i, i, k))``, batched."""
+        for src, folder in zip(sources, folders):
+            for shard in range(rank, math.ceil(len(src) / SHARD_RECORDS), world):
+                path = Path(folder) / f"shard-{shard:05d}.pt"
+                if not path.exists():
+                    start = shard * SHARD_RECORDS
+                    stop = min(start + SHARD_RECORDS, len(src))
+                    _encode_shard(name, src, range(start, stop), encode, transform, (crops, *shape), path, dtype,
+                                  batch_size)
 
 
-def build_latent_cache(sources: list, codec, image_size: int, paths: list[Path], crops: int = 1) -> RecordCache:
-    """Scaled codec latents [C, h, w] of K crops of every gen image (fp32)."""
-    return RecordCache.build("latents", sources, codec.encode,
-                             lambda img, i, k: gen_pixels(cached_crop(img, i, k, image_size)),
-                             codec.latent_shape(image_size), paths, crops)
+def latent_writer(codec, image_size: int) -> tuple[Callable, Callable, tuple[int, ...]]:
+    """(encode, transform, shape) of the latent cache: scaled codec latents [C, h, w] (fp32)."""
+    def transform(img, i: int, k: int) -> torch.Tensor:
+        return gen_pixels(cached_crop(img, i, k, image_size))
+
+    return codec.encode, transform, codec.latent_shape(image_size)
+
+
+def repa_writer(encoder: nn.Module, und_cfg: UndEncoderConfig, image_size: int) -> tuple[Callable, Callable, tuple]:
+    """(encode, transform, shape) of REPA's targets: SigLIP patch features [N, width] of the crops, computed as the
+    live path does (stored in fp16: half the disk of fp32, ~5e-4 relative rounding)."""
+    param = next(encoder.parameters())
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return encoder(x.to(param.device, param.dtype))
+
+    shape = ((und_cfg.image_size // und_cfg.patch_size) ** 2, und_cfg.width)
+    return encode, lambda img, i, k: siglip_view(cached_crop(img, i, k, image_size), und_cfg), shape
+
+
+def build_latent_cache(sources: list, codec, image_size: int, folders: list[Path], crops: int = 1) -> RecordCache:
+    """The latent cache in one process: write every missing shard, then load."""
+    RecordCache.write("latents", sources, *latent_writer(codec, image_size), folders, crops)
+    return RecordCache.load("latents", folders)
 
 
 def build_repa_cache(sources: list, encoder: nn.Module, und_cfg: UndEncoderConfig, image_size: int,
-                     paths: list[Path], crops: int = 1) -> RecordCache:
-    """SigLIP patch features [N, width] of K crops of every gen image: REPA's target, computed exactly as the
-    live path does, stored in fp16 (half the disk of fp32; ~5e-4 relative rounding)."""
-    device = next(encoder.parameters()).device
-
-    def transform(img, i, k):
-        return siglip_view(cached_crop(img, i, k, image_size), und_cfg)
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return encoder(x.to(device, next(encoder.parameters()).dtype))
-
-    shape = ((und_cfg.image_size // und_cfg.patch_size) ** 2, und_cfg.width)
-    return RecordCache.build("features", sources, encode, transform, shape, paths, crops, dtype=torch.float16)
+                     folders: list[Path], crops: int = 1) -> RecordCache:
+    """The REPA target cache in one process: write every missing shard, then load."""
+    RecordCache.write("features", sources, *repa_writer(encoder, und_cfg, image_size), folders, crops,
+                      dtype=torch.float16)
+    return RecordCache.load("features", folders)
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -97,10 +127,10 @@ def weights_digest(module: nn.Module) -> str:
 
 
 @torch.no_grad()
-def _encode_source(name: str, src, encode: Callable, transform: Callable, shape: tuple[int, ...], path: Path,
-                   dtype: torch.dtype, batch_size: int) -> None:
-    out = torch.zeros(len(src), *shape, dtype=dtype)
-    valid = torch.zeros(len(src), dtype=torch.bool)
+def _encode_shard(name: str, src, records: range, encode: Callable, transform: Callable, shape: tuple[int, ...],
+                  path: Path, dtype: torch.dtype, batch_size: int) -> None:
+    out = torch.zeros(len(records), *shape, dtype=dtype)
+    valid = torch.zeros(len(records), dtype=torch.bool)
     pending: list[tuple[int, int, torch.Tensor]] = []
 
     def flush():
@@ -110,10 +140,10 @@ def _encode_source(name: str, src, encode: Callable, transform: Callable, shape:
             valid[rows] = True
             pending.clear()
 
-    for i in tqdm(range(len(src)), desc=f"prep: encoding {name}", leave=False, disable=None):
+    for row, i in enumerate(tqdm(records, desc=f"prep: encoding {name} ({path.name})", leave=False, disable=None)):
         rec = src[i]
         if rec is not None:
-            pending += [(i, k, transform(rec.image, i, k)) for k in range(shape[0])]
+            pending += [(row, k, transform(rec.image, i, k)) for k in range(shape[0])]
         if len(pending) >= batch_size:
             flush()
     flush()

@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from janusflow.config import Recipe, SourceConfig, to_dict
-from janusflow.data.latent_cache import FORMAT, RecordCache, build_latent_cache, build_repa_cache, weights_digest
+from janusflow.data.latent_cache import FORMAT, RecordCache, latent_writer, repa_writer, weights_digest
 from janusflow.data.mixture import MixtureSchedule, MixtureStream, SampleBuilder
 from janusflow.data.sources import SourceDataset, open_source
 from janusflow.models.gen_encdec import token_grid
 from janusflow.models.und_inputs import num_und_tokens
-from janusflow.train.distributed import rank0_first
+from janusflow.train.distributed import barrier, rank, world_size
+from janusflow.train.logging import print0
 from janusflow.train.prep import cache_root, config_hash
 
 TASKS = ("und", "gen", "text")
@@ -71,24 +74,43 @@ class RunData:
         if ident not in self._latents:
             key = config_hash(str(self.codec_path), to_dict(r.codec), r.model.gen_image_size, r.data.latent_crops,
                               FORMAT)
-            paths = [cache_root(r) / f"latents-{key}-{config_hash(s.path)}.pt" for s in gen_cfgs]
-            gen, size, crops = self.sources(index)["gen"], r.model.gen_image_size, r.data.latent_crops
-            self._latents[ident] = rank0_first(lambda: build_latent_cache(gen, self.codec, size, paths, crops))
+            folders = [cache_root(r) / f"latents-{key}-{config_hash(s.path)}" for s in gen_cfgs]
+            writer = latent_writer(self.codec, r.model.gen_image_size)
+            self._latents[ident] = self._shared_cache("latents", index, writer, folders, torch.float32)
         return self._latents[ident]
 
     def repa_targets(self, index: int, model, device) -> RecordCache | None:
-        """REPA's targets for every gen image, cached when SigLIP is frozen this stage (else None: computed live).
-        Keyed by SigLIP's weights, so stages 1 and 2 (the same frozen tower) share one cache."""
+        """REPA's targets for every gen image, cached when SigLIP is frozen this stage and the cache fits
+        ``data.repa_cache_max_gb`` (else None: computed live). Keyed by SigLIP's weights, so stages 1 and 2 (the
+        same frozen tower) share one cache."""
         r, encoder = self.recipe, model.vision_und_enc_model
         if self.latents(index) is None or not r.data.cache_repa_features or any(
                 p.requires_grad for p in encoder.parameters()):
             return None
+        size_gb = self._repa_cache_gb(index)
+        if size_gb > r.data.repa_cache_max_gb:
+            print0(f"REPA targets are computed live: their cache would take {size_gb:.1f} GB "
+                   f"(> data.repa_cache_max_gb={r.data.repa_cache_max_gb:g})")
+            return None
         key = config_hash(weights_digest(encoder), to_dict(r.model.und_encoder), r.model.gen_image_size,
                           r.data.latent_crops, FORMAT)
-        paths = [cache_root(r) / f"repa-{key}-{config_hash(s.path)}.pt" for s in self.source_cfgs(index)["gen"]]
+        folders = [cache_root(r) / f"repa-{key}-{config_hash(s.path)}" for s in self.source_cfgs(index)["gen"]]
         encoder.to(device)
-        gen, size, crops = self.sources(index)["gen"], r.model.gen_image_size, r.data.latent_crops
-        return rank0_first(lambda: build_repa_cache(gen, encoder, r.model.und_encoder, size, paths, crops))
+        writer = repa_writer(encoder, r.model.und_encoder, r.model.gen_image_size)
+        return self._shared_cache("features", index, writer, folders, torch.float16)
+
+    def _repa_cache_gb(self, index: int) -> float:
+        und = self.recipe.model.und_encoder
+        per_crop = (und.image_size // und.patch_size) ** 2 * und.width * 2  # fp16
+        records = sum(len(s) for s in self.sources(index)["gen"])
+        return records * self.recipe.data.latent_crops * per_crop / 1e9
+
+    def _shared_cache(self, name: str, index: int, writer: tuple, folders: list[Path], dtype) -> RecordCache:
+        """Every rank encodes its share of the missing shards; after a barrier all of them map every shard."""
+        RecordCache.write(name, self.sources(index)["gen"], *writer, folders, self.recipe.data.latent_crops, dtype,
+                          rank=rank(), world=world_size())
+        barrier()
+        return RecordCache.load(name, folders)
 
     def stream(self, index: int, tokenizer, repa_targets: RecordCache | None, repa: bool) -> MixtureStream:
         """Stage ``index``'s data stream: a pure function of (train.seed, stage index, step)."""

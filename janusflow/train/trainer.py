@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +39,10 @@ from janusflow.train.distributed import (
     EnginePolicy,
     barrier,
     full_state_dict,
+    gather_floats,
     init_distributed,
     num_parameters,
+    peak_memory_gb,
     rank0_first,
 )
 from janusflow.train.logging import RunLogger, print0
@@ -84,6 +87,7 @@ class StageRun:
     start: int = 0
     metrics: dict = dataclasses.field(default_factory=dict)
     bad_streak: int = 0
+    step_times: list[float] = dataclasses.field(default_factory=list)
 
 
 class Trainer:
@@ -227,7 +231,8 @@ class Trainer:
             sums, skipped, grad_norm = self._optimizer_step(run.engine, next(batches), step)
             done = step + 1
             self._count_bad_steps(run, skipped, done)
-            run.metrics = self._reduce_metrics(sums) | {"step_time": time.time() - t0, "lr": lr,
+            run.step_times.append(time.time() - t0)
+            run.metrics = self._reduce_metrics(sums) | {"step_time": run.step_times[-1], "lr": lr,
                                                         "skipped_steps": self.skipped_steps}
             if grad_norm is not None:
                 run.metrics["grad_norm"] = grad_norm
@@ -262,6 +267,10 @@ class Trainer:
         self.logger.update_bar(done, run.metrics)
 
     def _finish_stage(self, run: StageRun) -> None:
+        peaks = gather_floats(peak_memory_gb(self.device))
+        steps = gather_floats(statistics.median(run.step_times) if run.step_times else 0.0)
+        print0(f"stage {run.stage.name}: peak memory per rank {', '.join(f'{g:.2f}' for g in peaks)} GiB, median "
+               f"step time per rank {', '.join(f'{t:.3f}' for t in steps)} s")
         self._sample_point(run, run.stage.max_steps)
         final_model, projector = run.engine.module.model, run.engine.module.projector
         raw = full_state_dict(final_model)
