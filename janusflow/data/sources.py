@@ -15,7 +15,6 @@ import glob
 import io
 import json
 import re
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from janusflow.data.index_file import SUFFIX as INDEX_SUFFIX
+from janusflow.data.json_list import JsonList, NotAListError
+from janusflow.data.shard_set import Member, ShardSample, ShardSetIndex
 from janusflow.io import BrokenLine, read_jsonl
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
@@ -166,10 +168,11 @@ class SourceDataset(abc.ABC):
         return f"{type(self).__name__}({str(self.path)!r}, {len(self)} records, stats={dict(self.stats)})"
 
 
-def _row(rows: list[Any], i: int) -> Any:
-    if isinstance(rows[i], BrokenLine):
-        raise BadRecord("bad_json", rows[i].detail)
-    return rows[i]
+def _row(rows: Sequence[Any], i: int) -> Any:
+    row = rows[i]
+    if isinstance(row, BrokenLine):
+        raise BadRecord("bad_json", row.detail)
+    return row
 
 
 def _image_path(root: Path, rel: Any) -> Path:
@@ -192,7 +195,9 @@ class LlavaJsonSource(SourceDataset):
     """LLaVA-style conversations: a JSON list (or JSONL) of ``{"image": rel_path?, "conversations": [...]}``.
 
     Turns are ``{"from": "human"|"gpt", "value": ...}`` (or ``{"role": "user"|"assistant", "content": ...}``);
-    system turns are dropped. A record without "image" is text-only (image None).
+    system turns are dropped. A record without "image" is text-only (image None). A JSON list is indexed once
+    (``janusflow.data.json_list``: each record's byte span, beside the file or in the cache) and a record is parsed
+    when read, so opening LLaVA-Instruct's 665k records takes neither seconds nor a gigabyte per rank.
     """
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
@@ -202,11 +207,11 @@ class LlavaJsonSource(SourceDataset):
             self.entries = read_jsonl(self.path)
         else:
             try:
-                self.entries = json.loads(self.path.read_bytes())
+                self.entries = JsonList(self.path)  # parsed one record at a time, over a stored byte-span index
+            except NotAListError as e:
+                raise ValueError(f"{self.path}: {e}") from e
             except ValueError as e:
                 raise ValueError(f"{self.path}: not valid JSON ({e})") from e
-            if not isinstance(self.entries, list):
-                raise ValueError(f"{self.path}: expected a JSON list of records, got {type(self.entries).__name__}")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -305,7 +310,7 @@ def _shard_paths(pattern_or_paths: str | Path | Sequence[str | Path]) -> list[Pa
             continue
         for p in expand_braces(str(item)):
             if glob.has_magic(p):
-                matches = sorted(glob.glob(p))
+                matches = sorted(m for m in glob.glob(p) if not m.endswith(INDEX_SUFFIX))  # our index files
                 if not matches:
                     raise FileNotFoundError(f"no WebDataset shards match {p}")
                 paths += [Path(m) for m in matches]
@@ -319,75 +324,58 @@ def _shard_paths(pattern_or_paths: str | Path | Sequence[str | Path]) -> list[Pa
 
 
 class WebDatasetSource(CaptionSource):
-    """Image-caption samples in uncompressed WebDataset tar shards, read with the stdlib ``tarfile``.
+    """Image-caption samples in uncompressed WebDataset tar shards (img2dataset's layout), as users write them.
 
     Members ``KEY.png|jpg|...`` and ``KEY.txt`` (or ``KEY.json`` with a "caption"/"text" field) form one sample.
-    The shards are indexed once at init (member offsets), so reading a sample is one seek + read.
+    Each shard is indexed once (``janusflow.data.shard_index``: an index file beside the shard or in the cache,
+    shared by ranks and runs), so opening reads one small header per shard and reading a sample is one seek + read.
     A shard that cannot be read to the end counts as ``bad_shard``; the samples indexed before the damage stay.
     """
 
     def __init__(self, pattern_or_paths: str | Path | Sequence[str | Path]) -> None:
         self.shards = _shard_paths(pattern_or_paths)
         super().__init__(self.shards[0] if len(self.shards) == 1 else self.shards[0].parent)
-        # per sample: (shard index, key, {ext: (offset, size)})
-        self.samples: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
-        for si, shard in enumerate(self.shards):
-            members: dict[str, dict[str, tuple[int, int]]] = {}
-            try:
-                with tarfile.open(shard, "r:") as tar:
-                    for m in tar:
-                        if not m.isfile():
-                            continue
-                        folder, _, base = m.name.rpartition("/")
-                        stem, dot, ext = base.partition(".")
-                        if not dot or not stem:
-                            continue
-                        key = f"{folder}/{stem}" if folder else stem
-                        members.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
-                    # tarfile stops quietly at a cut between members; a whole archive ends with two zero blocks
-                    if shard.stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
-                        raise tarfile.ReadError(f"no end-of-archive blocks after byte {tar.offset} (truncated?)")
-            except (tarfile.TarError, OSError, EOFError) as e:
-                self.count_bad("bad_shard", f"{shard}: {type(e).__name__}: {e}")
-            self.samples += [(si, key, exts) for key, exts in members.items()]
+        self.index = ShardSetIndex(self.shards, IMAGE_EXTS, (*CAPTION_EXTS, "json"))
+        for si, error in self.index.errors:
+            self.count_bad("bad_shard", f"{self.shards[si]}: {error}")
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
 
-    def _read(self, shard: int, where: tuple[int, int], name: str, reason: str = "truncated_member") -> bytes:
-        offset, size = where
+    def _read(self, shard: int, member: Member, name: str, reason: str = "truncated_member") -> bytes:
         with open(self.shards[shard], "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) != size:
-            raise BadRecord(reason, f"{name}: the shard ends {size - len(data)} bytes early")
+            f.seek(member.offset)
+            data = f.read(member.size)
+        if len(data) != member.size:
+            raise BadRecord(reason, f"{name}: the shard ends {member.size - len(data)} bytes early")
         return data
 
     def caption(self, i: int) -> str:
-        si, key, exts = self.samples[i]
-        name = f"{self.shards[si]}:{key}"
-        cap_ext = next((e for e in CAPTION_EXTS if e in exts), None)
-        if cap_ext is not None:
-            return _text(self._read(si, exts[cap_ext], name).decode("utf-8", errors="replace"))
-        if "json" in exts:
-            try:
-                meta = json.loads(self._read(si, exts["json"], name))
-            except ValueError as e:
-                raise BadRecord("bad_json", f"{name}.json: {e}") from e
-            if not isinstance(meta, dict):
-                raise BadRecord("bad_json", f"{name}.json is a {type(meta).__name__}")
-            return _text(meta.get("caption", meta.get("text")))
-        raise BadRecord("empty_text", f"{name}: no caption member")
+        return self._caption(self.index.sample(i))
+
+    def _caption(self, sample: ShardSample) -> str:
+        name = f"{self.shards[sample.shard]}:{sample.key}"
+        if sample.caption is None:
+            raise BadRecord("empty_text", f"{name}: no caption member")
+        data = self._read(sample.shard, sample.caption, name)
+        if sample.caption.ext != "json":
+            return _text(data.decode("utf-8", errors="replace"))
+        try:
+            meta = json.loads(data)
+        except ValueError as e:
+            raise BadRecord("bad_json", f"{name}.json: {e}") from e
+        if not isinstance(meta, dict):
+            raise BadRecord("bad_json", f"{name}.json is a {type(meta).__name__}")
+        return _text(meta.get("caption", meta.get("text")))
 
     def _load(self, i: int) -> CaptionRecord:
-        si, key, exts = self.samples[i]
-        name = f"{self.shards[si]}:{key}"
-        caption = self.caption(i)
-        img_ext = next((e for e in IMAGE_EXTS if e in exts), None)
-        if img_ext is None:
-            raise BadRecord("missing_file", f"{name}: no image member")
-        data = self._read(si, exts[img_ext], f"{name}.{img_ext}", reason="bad_image")
-        return CaptionRecord(decode_image(data, f"{name}.{img_ext}"), caption)
+        sample = self.index.sample(i)
+        caption = self._caption(sample)
+        if sample.image is None:
+            raise BadRecord("missing_file", f"{self.shards[sample.shard]}:{sample.key}: no image member")
+        name = f"{self.shards[sample.shard]}:{sample.key}.{sample.image.ext}"
+        data = self._read(sample.shard, sample.image, name, reason="bad_image")
+        return CaptionRecord(decode_image(data, name), caption)
 
 
 class TextJsonlSource(SourceDataset):
