@@ -11,6 +11,8 @@ processes on a shared machine hits every variant alike.
     python benchmarks/training.py --preset shapes --batch 16 --compare compile
     python benchmarks/training.py --preset shapes --batch 16 --compare packing      # und/text rows only
     python benchmarks/training.py --preset janusflow-1.3b --batch 8 --device cuda --dtype bfloat16
+    python benchmarks/training.py --preset janusflow-1.3b --compare paper --batch 28 --pack-length 4096 \
+        --device cuda --dtype bfloat16 --attn flash_attention_2      # the paper's layout on one GPU: tokens/s, MFU
 
 --compare repa: und + gen rows (2:8); REPA "live" runs the frozen SigLIP on the clean image every step,
 "cached" reads its features from the data (janusflow.data.latent_cache, what the trainer does while
@@ -30,7 +32,18 @@ import time
 import torch
 
 from janusflow.config import load_recipe, model_config
-from janusflow.data.batch import ArRows, ArSample, Batch, GenRows, collate_ar, collate_packed, pack_rows
+from janusflow.data.batch import (
+    ArRows,
+    ArSample,
+    Batch,
+    GenRows,
+    GenSample,
+    collate_ar,
+    collate_gen,
+    collate_packed,
+    pack_rows,
+    sample_length,
+)
 from janusflow.data.transforms import siglip_view
 from janusflow.models.janusflow import JanusFlow
 from janusflow.tokenizer import ByteTokenizer
@@ -98,6 +111,33 @@ def varied_ar_batches(model: JanusFlow, n_und: int, n_text: int, min_len: int, m
     return plain, packed, tokens
 
 
+def paper_layout_batches(model: JanusFlow, n: int, pack_length: int, prompt_len: int, text_len: int,
+                         latent_side: int, device: torch.device, dtype: torch.dtype) -> tuple[Batch, Batch, int]:
+    """The same und / gen / text samples (the paper's stage-2 mix, 14:80:6) one per padded row, and packed into rows
+    of ``pack_length`` tokens (all three tasks, as data.pack_length); and their token count."""
+    cfg, tok = model.config, ByteTokenizer()
+    n_img, size = model.vision_und_enc_model.num_patches, cfg.und_encoder.image_size
+    gen_tokens = model.num_gen_tokens((latent_side, latent_side))
+    g = torch.Generator().manual_seed(0)
+    counts = {"und": round(0.14 * n), "text": round(0.06 * n)}
+    counts["gen"] = n - counts["und"] - counts["text"]
+    words = lambda k: torch.randint(0, 250, (k,), generator=g).tolist()  # noqa: E731
+    samples = [ArSample("und", ids := [tok.bos_id, tok.boi_id] + [tok.image_id] * n_img + words(text_len), ids,
+                        torch.randn(3, size, size, generator=g)) for _ in range(counts["und"])]
+    samples += [ArSample("text", ids := [tok.bos_id] + words(text_len), ids) for _ in range(counts["text"])]
+    latent = (cfg.gen_encoder.latent_channels, latent_side, latent_side)
+    gens = [GenSample([tok.bos_id] + words(prompt_len), False, latent=torch.randn(latent, generator=g),
+                      crop=torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8))
+            for _ in range(counts["gen"])]
+    t = torch.rand(len(gens), generator=g)
+    plain = Batch(n, ar=collate_ar(samples, tok), gen=collate_gen(gens, tok, t, 0))
+    everything = samples + gens
+    lengths = [sample_length(x, gen_tokens) for x in everything]
+    ar, gen, layout = collate_packed(everything, pack_rows(lengths, pack_length), pack_length, tok, gen_tokens, t, 0)
+    packed = Batch(n, ar=ar, gen=gen, layout=layout)
+    return plain.to_device(device, dtype), packed.to_device(device, dtype), sum(lengths)
+
+
 def with_cached_repa(model: JanusFlow, batch: Batch) -> Batch:
     """The batch as the data stream yields it when REPA's targets are cached (features, no crops)."""
     und = model.config.und_encoder
@@ -155,7 +195,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="shapes")
     ap.add_argument("--batch", type=int, default=16, help="samples per step, und:gen (or und:text) = 2:8")
-    ap.add_argument("--compare", default="repa", choices=["repa", "checkpointing", "compile", "packing"])
+    ap.add_argument("--compare", default="repa", choices=["repa", "checkpointing", "compile", "packing", "paper"])
+    ap.add_argument("--pack-length", type=int, default=4096, help="--compare paper: packed row length")
+    ap.add_argument("--attn", default=None, help="LLM attention kernel: sdpa, eager, flash_attention_2")
     ap.add_argument("--prompt-len", type=int, default=40)
     ap.add_argument("--text-len", type=int, default=40)
     ap.add_argument("--pack-lengths", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"),
@@ -175,7 +217,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = model_config(args.preset)
+    cfg = model_config(args.preset, **({"llm": {"attn_implementation": args.attn}} if args.attn else {}))
     repa = load_recipe(args.recipe or RECIPES.get(args.preset, "janusflow-1.3b")).train.repa
     layer, hidden = min(repa.layer, cfg.llm.num_hidden_layers), args.repa_hidden or repa.hidden_dim
 
@@ -206,6 +248,12 @@ def main() -> None:
         option = {"checkpointing": "activation checkpointing", "compile": "torch.compile gen enc/dec"}[args.compare]
         variants = [Variant("plain", module(base), batch),
                     Variant(option, module(model(**{args.compare: True})), batch)]
+    elif args.compare == "paper":
+        plain, packed, tokens = paper_layout_batches(base, args.batch, args.pack_length, args.prompt_len,
+                                                     args.text_len, latent_side, device, dtype)
+        rows = f"und:gen:text 14:80:6 samples, packed into {packed.ar.input_ids.shape[0]} rows of {args.pack_length}"
+        m = module(base)
+        variants = [Variant("one sample per row", m, plain), Variant("packed, all tasks", m, packed)]
     else:
         plain, packed, tokens = varied_ar_batches(base, n_und, args.batch - n_und, *args.pack_lengths, device, dtype)
         rows = f"{n_und} und + {args.batch - n_und} text, text lengths {args.pack_lengths[0]}-{args.pack_lengths[1]}"
@@ -226,7 +274,7 @@ def main() -> None:
     step = statistics.median(variants[-1].times)
     print(f"{variants[-1].name}: {tokens / step:,.0f} LLM tokens/s, {args.batch / step:.2f} samples/s")
     if device.type == "cuda" and args.compare != "packing":
-        seq = args.prompt_len + 1 + gen_tokens
+        seq = args.pack_length if args.compare == "paper" else args.prompt_len + 1 + gen_tokens
         mfu = llm_flops_per_token(base, seq) * tokens / step / (args.peak_tflops * 1e12)
         print(f"MFU (LLM matmuls, peak {args.peak_tflops:.0f} TFLOP/s): {100 * mfu:.1f}%")
 
