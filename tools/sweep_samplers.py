@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from janusflow.eval.runner import load_eval_data
-from janusflow.eval.sampler_sweep import default_settings, evaluate_setting, fd_features, markdown_table
+from janusflow.eval.sampler_sweep import SweepRow, default_settings, evaluate_setting, fd_features, markdown_table
 from janusflow.pipeline import PipelineError, labelled_grid, load_pipeline
 
 
@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"{setting.name}: NFE {rows[-1].nfe:g}, GenEval {rows[-1].geneval['overall']:.3f}, "
                    f"FD {rows[-1].fd:.3f} ({time.time() - start:.0f} s)")
     print(markdown_table(rows))
+    write_outputs(args, rows)
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, rows: list[SweepRow]) -> None:
+    """--out: the rows as JSON; --grid: the first GenEval images of each setting, a row per setting."""
     if args.out:
         dump = [{"setting": asdict(r.setting), "nfe": r.nfe, "geneval": r.geneval, "fd": r.fd, "seconds": r.seconds}
                 for r in rows]
@@ -80,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         cols = len(rows[0].samples)
         labelled_grid([im for r in rows for im in r.samples], [r.setting.name for r in rows], cols=cols).save(args.grid)
-    return 0
 
 
 if __name__ == "__main__":
