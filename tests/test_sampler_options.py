@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from janusflow.config import model_config
 from janusflow.models.janusflow import JanusFlow
@@ -18,6 +19,7 @@ from janusflow.sampling import (
     weight_at,
 )
 from tests.conftest import randomize
+from tests.model_dirs import official_dirs
 from tests.test_pipeline import load_tool, model_dir, pipe, pixels  # noqa: F401  (fixtures)
 from tests.test_sampling import TOK, batch
 
@@ -124,6 +126,10 @@ def test_sample_cli_takes_the_options(model_dir, tmp_path, capsys):  # noqa: F81
     main(["--model", str(model_dir), "--prompt", "a red circle", "--steps", "2", "--time-shift", "3",
           "--cfg-interval", "0.2", "0.8", "--out", str(tmp_path), "--device", "cpu"])
     assert (tmp_path / "a-red-circle-seed0-000.png").exists()
+    official, vae = official_dirs(tmp_path / "official")
+    main(["--model", str(official), "--vae", str(vae), "--prompt", "a red circle", "--steps", "2", "--time-shift",
+          "3", "--cfg-interval", "0.2", "0.8", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert Image.open(tmp_path / "o" / "a-red-circle-seed0-000.png").size == (384, 384)
     for args, message in [(["--time-shift", "0"], "--time-shift must be a number > 0, got 0.0"),
                           (["--cfg-interval", "0.8", "0.2"], "--cfg-interval must satisfy 0 <= a <= b <= 1"),
                           (["--solver", "dopri5", "--time-shift", "2"], "adaptive dopri5")]:
