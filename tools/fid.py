@@ -1,6 +1,6 @@
 """FID of a folder of generated images against a folder of reference images (janusflow.eval.fid, torchmetrics).
 
-    python tools/fid.py --real mjhq30k_imgs --fake mjhq_images --inception pt_inception-2015-12-05-6726825d.pth \
+    python tools/fid.py --real mjhq30k_imgs --fake mjhq_images --inception weights-inception-2015-12-05-6726825d.pth \
         --per-category --out fid.json          # MJHQ-30K FID-30k, overall and per category
 
 The Inception weights are torch-fidelity's port of the TF FID network, read from --inception (nothing is
@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", required=True, help="folder of reference images (e.g. the unzipped mjhq30k_imgs)")
     p.add_argument("--fake", required=True, help="folder of generated images (e.g. generate_benchmark.py mjhq's --out)")
-    p.add_argument("--inception", required=True, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--inception", required=True,
+                   help="torch-fidelity's FID Inception weights (weights-inception-2015-12-05-6726825d.pth)")
     p.add_argument("--per-category", action="store_true", help="also one FID per subfolder found in both folders")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -2,16 +2,17 @@
 
 The metric is torchmetrics' ``FrechetInceptionDistance``: it accumulates feature sums and products in float64
 (30k images in constant memory), computes the Frechet distance from them, and its Inception is torch-fidelity's
-port of the TF FID network (``pt_inception-2015-12-05-6726825d.pth``, the network of the original FID,
-pytorch-fid and clean-fid), which it loads from a local path here, so nothing is downloaded. torchmetrics also
-takes any ``nn.Module`` as the feature extractor, which lets the tests check the whole path with a small one.
+port of the TF FID network (``weights-inception-2015-12-05-6726825d.pth``: the 2015-12-05 graph of the original
+FID, which pytorch-fid and clean-fid port too), loaded from a local path here, so nothing is downloaded.
+torchmetrics also takes any ``nn.Module`` as the feature extractor, which lets the tests check the whole path
+with a small one.
 
 Images: every .png / .jpg / .jpeg / .webp / .bmp file under a folder (recursively, hidden names skipped), read
 as RGB uint8 at its own size [B, 3, H, W]; the Inception resizes them to 299 x 299 with the TF1-compatible
 bilinear resize of the original FID (``antialias=False``) and returns [B, 2048] pool features.
 Categories (MJHQ-30K): the first-level subfolders present in both folders, each scored on its own.
 
-    extractor = inception_extractor("pt_inception-2015-12-05-6726825d.pth")
+    extractor = inception_extractor("weights-inception-2015-12-05-6726825d.pth")
     scores = folder_fid("mjhq30k_imgs", "mjhq_images", extractor, per_category=True)
     # {"fid": ..., "fid/animals": ..., ..., "num_real": 30000, "num_fake": 30000}
 """
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 
