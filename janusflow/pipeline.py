@@ -31,7 +31,7 @@ from janusflow.models.codec import LatentCodec
 from janusflow.models.janusflow import JanusFlow
 from janusflow.models.official_format import read_model_config
 from janusflow.models.und_inputs import num_und_tokens, und_encoder_inputs
-from janusflow.sampling import SOLVERS, generate_text, sample_latents, to_uint8
+from janusflow.sampling import FULL_INTERVAL, SOLVERS, check_sampler_options, generate_text, sample_latents, to_uint8
 from janusflow.tokenizer import (
     TOKENIZER_FILE,
     Tokenizer,
@@ -246,11 +246,16 @@ class Pipeline:
 
     def generate(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 30, cfg_weight: float = 2.0,
                  solver: str = "euler", batch_size: int = 8, sde_noise: float = 1.0,
-                 progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+                 progress: Callable[[int, int], None] | None = None, time_shift: float = 1.0,
+                 cfg_interval: tuple[float, float] = FULL_INTERVAL,
+                 image_indices: Sequence[int] | None = None) -> list[Image.Image]:
         """One image per prompt (repeat a prompt for several). ``progress(done, total)`` counts solver steps.
 
         ``solver="sde"`` draws image i's increments from (seed, i) too, so its images also do not depend on
-        the batch size; ``sde_noise`` is its eta (janusflow.sampling.euler_maruyama)."""
+        the batch size; ``sde_noise`` is its eta (janusflow.sampling.euler_maruyama). ``time_shift`` and
+        ``cfg_interval`` are the sampler options of janusflow.sampling (1.0 and (0, 1): the official sampler).
+        ``image_indices``: the noise index of each image (default 0, 1, ...), so that a benchmark can draw
+        prompt p's images from the same noise whichever prompts share its call."""
         if self.codec is None:
             raise PipelineError("this pipeline was loaded without a VAE; pass --vae DIR")
         if solver not in SOLVERS:
@@ -259,10 +264,17 @@ class Pipeline:
             raise PipelineError("steps and batch_size must be >= 1")
         if not (math.isfinite(sde_noise) and sde_noise >= 0):
             raise PipelineError(f"sde_noise must be a number >= 0, got {sde_noise}")
+        try:
+            check_sampler_options(solver, time_shift, cfg_interval)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        indices = list(range(len(prompts)) if image_indices is None else image_indices)
+        if len(indices) != len(prompts):
+            raise PipelineError(f"{len(indices)} image indices for {len(prompts)} prompts")
         if not prompts:
             return []
         ids = [self.gen_ids(p) for p in prompts]
-        noise = torch.stack([image_noise(seed, i, self.latent_shape()) for i in range(len(prompts))])
+        noise = torch.stack([image_noise(seed, i, self.latent_shape()) for i in indices])
         starts = range(0, len(prompts), batch_size)
         total = len(starts) * steps
         images: list[Image.Image] = []
@@ -271,11 +283,11 @@ class Pipeline:
             done = b * steps
             step_progress = (lambda k, _n, done=done: progress(done + k, total)) if progress else None
             stop = min(start + batch_size, len(prompts))
-            gens = [image_generator(seed, i, stream=1) for i in range(start, stop)] if solver == "sde" else []
+            gens = [image_generator(seed, i, stream=1) for i in indices[start:stop]] if solver == "sde" else []
             step_noise = (lambda _k, gens=gens: torch.stack([torch.randn(self.latent_shape(), generator=g)
                                                                for g in gens])) if gens else None
-            z, nfe = self._sample(ids[start:stop], noise[start:stop], steps, cfg_weight, solver, step_progress,
-                                  sde_noise, step_noise)
+            options = dict(sde_noise=sde_noise, step_noise=step_noise, time_shift=time_shift, cfg_interval=cfg_interval)
+            z, nfe = self._sample(ids[start:stop], noise[start:stop], steps, cfg_weight, solver, step_progress, options)
             self.last_nfe += nfe
             images += [Image.fromarray(x) for x in to_uint8(self.codec.decode(z)).numpy()]
             if progress:
@@ -283,12 +295,12 @@ class Pipeline:
         return images
 
     def _sample(self, ids: list[list[int]], noise: torch.Tensor, steps: int, cfg_weight: float, solver: str,
-                progress: Callable | None, sde_noise: float, step_noise: Callable | None) -> tuple[torch.Tensor, int]:
+                progress: Callable | None, options: dict) -> tuple[torch.Tensor, int]:
+        """``options``: the keyword arguments of sample_latents for the SDE and the sampler options."""
         input_ids, mask = left_pad(ids, self.tokenizer.pad_id)
         return sample_latents(self.model, input_ids.to(self.device), noise.to(self.device), steps=steps,
                               cfg_weight=cfg_weight, pad_id=self.tokenizer.pad_id, attention_mask=mask.to(self.device),
-                              solver=solver, progress=progress, return_nfe=True, sde_noise=sde_noise,
-                              step_noise=step_noise)
+                              solver=solver, progress=progress, return_nfe=True, **options)
 
     @torch.no_grad()
     def answer(self, image: Image.Image, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,

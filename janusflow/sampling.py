@@ -5,6 +5,10 @@ dropped and replaced by the t_emb token; conditional and unconditional rows run 
 unconditional rows keep BOS, their prompt is pad tokens and masked); v = w * v_c - (w - 1) * v_u;
 Euler from t = 0 (noise) with t_k = k / N, the model seeing t_k * 1000.
 
+Two options the field uses, off by default (the official behaviour): ``time_shift`` s warps the
+fixed-step grid towards the noise end (SD3; ``shift_time``), and ``cfg_interval`` (a, b) applies the
+guidance only for t in [a, b], using the conditional velocity alone (w = 1) elsewhere.
+
 ``solver="sde"`` integrates instead the stochastic differential equation that has the same marginals
 as the ODE (Euler-Maruyama, ``sde_noise`` = eta): fresh noise each step lets an imperfect model correct
 errors of earlier steps that the deterministic ODE carries to the end (see ``euler_maruyama``).
@@ -19,6 +23,7 @@ the same result; ``sample_latents_reference`` keeps the full recompute for tests
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import get_args
 
@@ -31,6 +36,43 @@ from janusflow.models.llm import CACHE_KWARG
 
 SOLVERS = get_args(Solver)
 _TORCHDIFFEQ_NAMES = {"heun": "heun2", "midpoint": "midpoint", "rk4": "rk4", "dopri5": "dopri5", "euler": "euler"}
+FULL_INTERVAL = (0.0, 1.0)
+
+
+def shift_time(t: float, shift: float) -> float:
+    """SD3's time shift in JanusFlow's convention (t = 0 noise, t = 1 data): t' = t / (s - (s - 1) t).
+
+    SD3 writes it for sigma = 1 - t (sigma = 1 at noise): sigma' = s sigma / (1 + (s - 1) sigma); substituting
+    sigma = 1 - t gives t' = 1 - sigma' = t / (s - (s - 1) t). It keeps t = 0 and t = 1; s > 1 moves every
+    step towards the noise end, where the sampler commits to the layout; s = 1 returns t itself, bit for bit.
+    """
+    return t / (shift - (shift - 1.0) * t)
+
+
+def time_grid(steps: int, shift: float = 1.0) -> list[float]:
+    """The N + 1 times of a fixed-step solve, shift_time(k / N, s) for k = 0..N (s = 1: exactly k / N).
+
+    The last is 1.0 itself (torchdiffeq checks that the grid ends where the solve does)."""
+    return [shift_time(k / steps, shift) for k in range(steps)] + [1.0]
+
+
+def euler_steps(steps: int, shift: float = 1.0) -> list[tuple[float, float]]:
+    """(t_k, dt_k) of the Euler loop: the official (k / N, 1 / N) at s = 1, else steps on the shifted grid."""
+    if shift == 1.0:  # dt = 1 / N itself, not a difference of grid points: bit-identical to the official loop
+        return [(t, 1.0 / steps) for t in euler_times(steps)]
+    grid = time_grid(steps, shift)
+    return [(grid[k], grid[k + 1] - grid[k]) for k in range(steps)]
+
+
+def check_sampler_options(solver: str, time_shift: float, cfg_interval: tuple[float, float]) -> None:
+    """ValueError naming the option unless time_shift > 0 (1 for the adaptive dopri5) and 0 <= a <= b <= 1."""
+    if not (math.isfinite(time_shift) and time_shift > 0):
+        raise ValueError(f"time_shift must be a number > 0, got {time_shift}")
+    if time_shift != 1.0 and solver == "dopri5":
+        raise ValueError("time_shift warps a fixed-step grid; the adaptive dopri5 chooses its own steps")
+    lo, hi = cfg_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"cfg_interval must satisfy 0 <= a <= b <= 1, got ({lo}, {hi})")
 
 
 def cfg_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -57,11 +99,18 @@ def guide(v: torch.Tensor, cfg_weight: float) -> torch.Tensor:
     return cfg_weight * v_c - (cfg_weight - 1.0) * v_u
 
 
+def weight_at(t: float | torch.Tensor, cfg_weight: float, cfg_interval: tuple[float, float]) -> float:
+    """The guidance weight at time t: w inside [a, b], 1 (the conditional velocity alone) outside."""
+    return cfg_weight if cfg_interval[0] <= float(t) <= cfg_interval[1] else 1.0
+
+
 class CachedVelocity:
     """v(z, t) with CFG, reusing the prompt prefix's KV cache across calls."""
 
-    def __init__(self, model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, cfg_weight: float):
+    def __init__(self, model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, cfg_weight: float,
+                 cfg_interval: tuple[float, float] = FULL_INTERVAL):
         self.model, self.cfg_weight, self.prefix_mask = model, cfg_weight, prefix_mask
+        self.cfg_interval = cfg_interval
         self.cache = DynamicCache()
         model.language_model.model(inputs_embeds=prefix_embeds, attention_mask=prefix_mask,
                                    use_cache=True, **{CACHE_KWARG: self.cache})
@@ -77,14 +126,16 @@ class CachedVelocity:
         out = self.model.language_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
                                               **{CACHE_KWARG: self.cache})
         self.cache.crop(-(1 + n))  # drop this step's t/z entries, keep the prompt's
-        return guide(self.model.velocity_from_hidden(out.last_hidden_state[:, -n:], gen), self.cfg_weight)
+        v = self.model.velocity_from_hidden(out.last_hidden_state[:, -n:], gen)
+        return guide(v, weight_at(t, self.cfg_weight, self.cfg_interval))
 
 
 class RecomputeVelocity:
     """v(z, t) with CFG recomputing the whole sequence every call (the official demo's behaviour)."""
 
-    def __init__(self, model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, cfg_weight: float):
-        self.model, self.cfg_weight = model, cfg_weight
+    def __init__(self, model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, cfg_weight: float,
+                 cfg_interval: tuple[float, float] = FULL_INTERVAL):
+        self.model, self.cfg_weight, self.cfg_interval = model, cfg_weight, cfg_interval
         self.prefix_embeds, self.prefix_mask = prefix_embeds, prefix_mask
         self.nfe = 0
 
@@ -92,28 +143,33 @@ class RecomputeVelocity:
         self.nfe += 1
         t = torch.as_tensor(t, dtype=torch.float32, device=z.device)
         v, _ = self.model.forward_gen(self.prefix_embeds, self.prefix_mask, torch.cat([z, z]), t)
-        return guide(v, self.cfg_weight)
+        return guide(v, weight_at(t, self.cfg_weight, self.cfg_interval))
 
 
 def solve(velocity: Callable, noise: torch.Tensor, steps: int, solver: str = "euler",
           rtol: float = 1e-4, atol: float = 1e-4, progress: Callable | None = None, sde_noise: float = 1.0,
-          step_noise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+          step_noise: Callable[[int], torch.Tensor] | None = None, time_shift: float = 1.0) -> torch.Tensor:
     """Integrate dz/dt = velocity(t, z) from t = 0 (noise) to t = 1.
 
     Euler is the official fixed-step loop (t_k = k / N); the others run through torchdiffeq
     (fixed-step ones with step 1 / N, dopri5 adaptive with rtol / atol), except ``sde``
     (``euler_maruyama`` with eta = ``sde_noise`` and the increments ``step_noise(k)``).
+    ``time_shift`` s != 1 puts the fixed-step solvers on the grid ``time_grid(steps, s)`` instead.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
+    check_sampler_options(solver, time_shift, FULL_INTERVAL)
     if solver in ("euler", "sde"):
         eta = sde_noise if solver == "sde" else 0.0
-        return euler_maruyama(velocity, noise, steps, eta, step_noise, progress)
+        return euler_maruyama(velocity, noise, steps, eta, step_noise, progress, time_shift)
     from torchdiffeq import odeint
 
     # torchdiffeq's step-size control underflows in half precision: integrate a float32 state.
     dtype = noise.dtype
     options = {} if solver == "dopri5" else {"step_size": 1.0 / steps}
+    if time_shift != 1.0:
+        grid = torch.tensor(time_grid(steps, time_shift), device=noise.device)
+        options = {"grid_constructor": lambda _func, _y0, _t: grid}
     ts = torch.tensor([0.0, 1.0], device=noise.device)
     z = odeint(lambda t, z: velocity(t, z.to(dtype)).float(), noise.float(), ts, method=_TORCHDIFFEQ_NAMES[solver],
                rtol=rtol, atol=atol, options=options)[-1]
@@ -122,8 +178,9 @@ def solve(velocity: Callable, noise: torch.Tensor, steps: int, solver: str = "eu
 
 def euler_maruyama(velocity: Callable, noise: torch.Tensor, steps: int, eta: float = 0.0,
                    step_noise: Callable[[int], torch.Tensor] | None = None,
-                   progress: Callable | None = None) -> torch.Tensor:
-    """Fixed steps t_k = k / N of the SDE with the marginals of the rectified-flow ODE; eta = 0 is the ODE (Euler).
+                   progress: Callable | None = None, time_shift: float = 1.0) -> torch.Tensor:
+    """Fixed steps t_k = k / N (``euler_steps``: on the shifted grid when ``time_shift`` != 1) of the SDE with the
+    marginals of the rectified-flow ODE; eta = 0 is the ODE (Euler).
 
         dz = [v - (w / 2) * x0_hat / (1 - t)] dt + sqrt(w) dW,   w(t) = eta * (1 - t)
 
@@ -135,8 +192,8 @@ def euler_maruyama(velocity: Callable, noise: torch.Tensor, steps: int, eta: flo
     """
     if eta < 0:
         raise ValueError(f"the SDE noise scale eta must be >= 0, got {eta}")
-    z, dt = noise, 1.0 / steps
-    for k, t in enumerate(euler_times(steps)):
+    z = noise
+    for k, (t, dt) in enumerate(euler_steps(steps, time_shift)):
         v = velocity(t, z)
         if eta > 0 and k < steps - 1:
             w = eta * (1.0 - t)
@@ -154,12 +211,15 @@ def sample_latents(model, input_ids: torch.Tensor, noise: torch.Tensor, *, steps
                    cfg_weight: float = 2.0, pad_id: int, attention_mask: torch.Tensor | None = None,
                    solver: str = "euler", use_cache: bool = True, progress: Callable | None = None,
                    rtol: float = 1e-4, atol: float = 1e-4, return_nfe: bool = False, sde_noise: float = 1.0,
-                   step_noise: Callable[[int], torch.Tensor] | None = None):
+                   step_noise: Callable[[int], torch.Tensor] | None = None, time_shift: float = 1.0,
+                   cfg_interval: tuple[float, float] = FULL_INTERVAL):
     """Text-to-image latents (t = 1) from noise [B, C, H, W] and prompts input_ids [B, L].
 
     input_ids are left-padded (attention_mask marks real tokens) and end with the begin-of-image tag.
     ``sde_noise`` / ``step_noise``: eta and the Brownian increments of ``solver="sde"`` (see ``euler_maruyama``).
+    ``time_shift`` (``shift_time``) and ``cfg_interval`` (``weight_at``): 1.0 and (0, 1) are the official sampler.
     """
+    check_sampler_options(solver, time_shift, cfg_interval)
     if input_ids.shape[0] != noise.shape[0]:
         raise ValueError(f"{input_ids.shape[0]} prompts but {noise.shape[0]} noise samples")
     model.vision_gen_enc_model.check_input(noise)
@@ -170,8 +230,9 @@ def sample_latents(model, input_ids: torch.Tensor, noise: torch.Tensor, *, steps
                          f"context of {max_len} tokens")
     prefix, mask = cfg_prefix(model, input_ids, attention_mask, pad_id)
     prefix = prefix.to(model.dtype_for_llm)
-    velocity = (CachedVelocity if use_cache else RecomputeVelocity)(model, prefix, mask, cfg_weight)
-    z = solve(velocity, noise.to(model.dtype_for_llm), steps, solver, rtol, atol, progress, sde_noise, step_noise)
+    velocity = (CachedVelocity if use_cache else RecomputeVelocity)(model, prefix, mask, cfg_weight, cfg_interval)
+    z = solve(velocity, noise.to(model.dtype_for_llm), steps, solver, rtol, atol, progress, sde_noise, step_noise,
+              time_shift)
     return (z, velocity.nfe) if return_nfe else z
 
 
