@@ -7,7 +7,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup pretrain test lint compare-repa ablations clean-runs
+.PHONY: setup pretrain test lint compare-repa ablations rehearsal clean-runs
 
 setup:
 	@bash scripts/setup_env.sh $(VENV) dev
@@ -30,6 +30,11 @@ compare-repa: setup
 # The paper's ablations A-F (recipes/ablation-*.yaml): runs/ablations/results.{md,png}. Resumable.
 ablations: setup
 	$(PY) tools/ablations.py $(ARGS)
+
+# The 1.3B recipe at official widths and 2 blocks deep, ZeRO-3 on 2 CPU ranks, end to end (tools/rehearsal.py).
+rehearsal:
+	@bash scripts/setup_env.sh $(VENV) none
+	$(PY) tools/rehearsal.py $(ARGS)
 
 clean-runs:
 	rm -rf runs

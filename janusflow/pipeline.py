@@ -248,14 +248,15 @@ class Pipeline:
                  solver: str = "euler", batch_size: int = 8, sde_noise: float = 1.0,
                  progress: Callable[[int, int], None] | None = None, time_shift: float = 1.0,
                  cfg_interval: tuple[float, float] = FULL_INTERVAL,
-                 image_indices: Sequence[int] | None = None) -> list[Image.Image]:
+                 image_indices: Sequence[int] | None = None, compile: bool = False) -> list[Image.Image]:
         """One image per prompt (repeat a prompt for several). ``progress(done, total)`` counts solver steps.
 
         ``solver="sde"`` draws image i's increments from (seed, i) too, so its images also do not depend on
         the batch size; ``sde_noise`` is its eta (janusflow.sampling.euler_maruyama). ``time_shift`` and
         ``cfg_interval`` are the sampler options of janusflow.sampling (1.0 and (0, 1): the official sampler).
         ``image_indices``: the noise index of each image (default 0, 1, ...), so that a benchmark can draw
-        prompt p's images from the same noise whichever prompts share its call."""
+        prompt p's images from the same noise whichever prompts share its call. ``compile``: the sampling step
+        through torch.compile (CUDA graphs on a GPU; the same images, the first batch compiles)."""
         if self.codec is None:
             raise PipelineError("this pipeline was loaded without a VAE; pass --vae DIR")
         if solver not in SOLVERS:
@@ -286,7 +287,8 @@ class Pipeline:
             gens = [image_generator(seed, i, stream=1) for i in indices[start:stop]] if solver == "sde" else []
             step_noise = (lambda _k, gens=gens: torch.stack([torch.randn(self.latent_shape(), generator=g)
                                                                for g in gens])) if gens else None
-            options = dict(sde_noise=sde_noise, step_noise=step_noise, time_shift=time_shift, cfg_interval=cfg_interval)
+            options = dict(sde_noise=sde_noise, step_noise=step_noise, time_shift=time_shift, cfg_interval=cfg_interval,
+                           compile=compile)
             z, nfe = self._sample(ids[start:stop], noise[start:stop], steps, cfg_weight, solver, step_progress, options)
             self.last_nfe += nfe
             images += [Image.fromarray(x) for x in to_uint8(self.codec.decode(z)).numpy()]

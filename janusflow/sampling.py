@@ -14,8 +14,9 @@ as the ODE (Euler-Maruyama, ``sde_noise`` = eta): fresh noise each step lets an 
 errors of earlier steps that the deterministic ODE carries to the end (see ``euler_maruyama``).
 
 The official loop recomputes the whole sequence every step. The prompt prefix does not depend on
-t or z under a causal mask, so ``sample_latents`` computes it once and reuses its KV cache, giving
-the same result; ``sample_latents_reference`` keeps the full recompute for tests and benchmarks.
+t or z under a causal mask, so ``sample_latents`` computes its K/V once into a static cache, and runs the
+generation encoder once for both CFG halves (they see the same z_t and t), giving the same result;
+``sample_latents_reference`` keeps the full recompute for tests and benchmarks.
 
     latents = sample_latents(model, input_ids, noise, steps=30, cfg_weight=2.0, pad_id=tok.pad_id)
     images = codec.decode(latents)
@@ -23,12 +24,14 @@ the same result; ``sample_latents_reference`` keeps the full recompute for tests
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import get_args
 
 import torch
-from transformers import DynamicCache
+from transformers import StaticCache
 
 from janusflow.config import Solver
 from janusflow.flow import euler_times
@@ -104,30 +107,60 @@ def weight_at(t: float | torch.Tensor, cfg_weight: float, cfg_interval: tuple[fl
     return cfg_weight if cfg_interval[0] <= float(t) <= cfg_interval[1] else 1.0
 
 
+def cfg_velocity(model, cache, mask: torch.Tensor, z: torch.Tensor, t: torch.Tensor, cfg_weight: float
+                 ) -> torch.Tensor:
+    """One guided velocity [B, C, H, W] at z [B, C, H, W], t [] from the prompts' cached K/V (2B rows; ``mask``
+    [2B, P + 1 + N]). Both CFG halves see the same z_t and t, so the generation encoder runs on B rows and its
+    outputs serve both. The caller drops this step's 1 + N cache entries afterwards."""
+    gen = model.gen_inputs(z, t)
+    n = gen.tokens.shape[1]
+    embeds = torch.cat([gen.t_emb.unsqueeze(1), gen.tokens], dim=1).to(model.dtype_for_llm).repeat(2, 1, 1)
+    out = model.language_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
+                                     **{CACHE_KWARG: cache})
+    both = dataclasses.replace(gen, t_emb=gen.t_emb.repeat(2, 1), skips=[s.repeat(2, 1, 1, 1) for s in gen.skips])
+    return guide(model.velocity_from_hidden(out.last_hidden_state[:, -n:], both), cfg_weight)
+
+
+@functools.cache
+def compiled_cfg_velocity(mode: str) -> Callable:
+    """``cfg_velocity`` through torch.compile, one per mode for the process (a later call with the same shapes
+    reuses the graph)."""
+    return torch.compile(cfg_velocity, mode=mode, dynamic=False)
+
+
 class CachedVelocity:
-    """v(z, t) with CFG, reusing the prompt prefix's KV cache across calls."""
+    """v(z, t) with CFG from the prompt prefix's K/V, computed once into a static (preallocated) cache of
+    P + 1 + N positions at the first call: each call writes its time and image tokens at [P, P + 1 + N) and then
+    rewinds. ``compile``: each call through ``compiled_cfg_velocity`` (CUDA graphs on a GPU, inductor on a CPU;
+    the first call compiles)."""
 
     def __init__(self, model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, cfg_weight: float,
-                 cfg_interval: tuple[float, float] = FULL_INTERVAL):
-        self.model, self.cfg_weight, self.prefix_mask = model, cfg_weight, prefix_mask
-        self.cfg_interval = cfg_interval
-        self.cache = DynamicCache()
-        model.language_model.model(inputs_embeds=prefix_embeds, attention_mask=prefix_mask,
-                                   use_cache=True, **{CACHE_KWARG: self.cache})
-        self.prefix_len = prefix_embeds.shape[1]
+                 cfg_interval: tuple[float, float] = FULL_INTERVAL, compile: bool = False):
+        self.model, self.cfg_weight, self.cfg_interval = model, cfg_weight, cfg_interval
+        self.prefix_embeds, self.prefix_mask = prefix_embeds, prefix_mask
+        self.cache = self.mask = None
+        self.graphs = compile and prefix_embeds.device.type == "cuda"
+        self.step = compiled_cfg_velocity("reduce-overhead" if self.graphs else "default") if compile else cfg_velocity
         self.nfe = 0
+
+    def _prefill(self, num_tokens: int) -> None:
+        llm, prefix = self.model.language_model.model, self.prefix_embeds
+        self.cache = StaticCache(config=llm.config, max_cache_len=prefix.shape[1] + 1 + num_tokens)
+        self.mask = torch.cat([self.prefix_mask, self.prefix_mask.new_ones(prefix.shape[0], 1 + num_tokens)], dim=1)
+        llm(inputs_embeds=prefix, attention_mask=self.prefix_mask, use_cache=True, **{CACHE_KWARG: self.cache})
 
     def __call__(self, t: float | torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        gen = self.model.gen_inputs(torch.cat([z, z]), torch.as_tensor(t, dtype=torch.float32, device=z.device))
-        embeds = torch.cat([gen.t_emb.unsqueeze(1), gen.tokens], dim=1).to(self.model.dtype_for_llm)
-        n = gen.tokens.shape[1]
-        mask = torch.cat([self.prefix_mask, self.prefix_mask.new_ones(self.prefix_mask.shape[0], 1 + n)], dim=1)
-        out = self.model.language_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
-                                              **{CACHE_KWARG: self.cache})
-        self.cache.crop(-(1 + n))  # drop this step's t/z entries, keep the prompt's
-        v = self.model.velocity_from_hidden(out.last_hidden_state[:, -n:], gen)
-        return guide(v, weight_at(t, self.cfg_weight, self.cfg_interval))
+        num_tokens = self.model.num_gen_tokens(z.shape[-2:])
+        if self.cache is None:
+            self._prefill(num_tokens)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        weight = weight_at(t, self.cfg_weight, self.cfg_interval)
+        v = self.step(self.model, self.cache, self.mask, z, torch.as_tensor(t, dtype=torch.float32, device=z.device),
+                      weight)
+        self.cache.crop(-(1 + num_tokens))  # keep the prompts' entries only
+        return v.clone() if self.graphs else v  # a graph's output buffer is overwritten by its next replay
 
 
 class RecomputeVelocity:
@@ -212,12 +245,14 @@ def sample_latents(model, input_ids: torch.Tensor, noise: torch.Tensor, *, steps
                    solver: str = "euler", use_cache: bool = True, progress: Callable | None = None,
                    rtol: float = 1e-4, atol: float = 1e-4, return_nfe: bool = False, sde_noise: float = 1.0,
                    step_noise: Callable[[int], torch.Tensor] | None = None, time_shift: float = 1.0,
-                   cfg_interval: tuple[float, float] = FULL_INTERVAL):
+                   cfg_interval: tuple[float, float] = FULL_INTERVAL, compile: bool = False):
     """Text-to-image latents (t = 1) from noise [B, C, H, W] and prompts input_ids [B, L].
 
     input_ids are left-padded (attention_mask marks real tokens) and end with the begin-of-image tag.
     ``sde_noise`` / ``step_noise``: eta and the Brownian increments of ``solver="sde"`` (see ``euler_maruyama``).
     ``time_shift`` (``shift_time``) and ``cfg_interval`` (``weight_at``): 1.0 and (0, 1) are the official sampler.
+    ``compile``: the cached step through torch.compile (CUDA graphs on a GPU): the same latents, faster steps after
+    a first one that compiles.
     """
     check_sampler_options(solver, time_shift, cfg_interval)
     if input_ids.shape[0] != noise.shape[0]:
@@ -230,7 +265,10 @@ def sample_latents(model, input_ids: torch.Tensor, noise: torch.Tensor, *, steps
                          f"context of {max_len} tokens")
     prefix, mask = cfg_prefix(model, input_ids, attention_mask, pad_id)
     prefix = prefix.to(model.dtype_for_llm)
-    velocity = (CachedVelocity if use_cache else RecomputeVelocity)(model, prefix, mask, cfg_weight, cfg_interval)
+    if use_cache:
+        velocity = CachedVelocity(model, prefix, mask, cfg_weight, cfg_interval, compile)
+    else:
+        velocity = RecomputeVelocity(model, prefix, mask, cfg_weight, cfg_interval)
     z = solve(velocity, noise.to(model.dtype_for_llm), steps, solver, rtol, atol, progress, sde_noise, step_noise,
               time_shift)
     return (z, velocity.nfe) if return_nfe else z

@@ -67,6 +67,25 @@ def test_cached_equals_full_recompute_with_left_padding(tiny_model):
     assert not torch.allclose(cached[0], cached[1], atol=1e-3)
 
 
+@torch.no_grad()
+def test_the_compiled_step_gives_the_plain_latents(tiny_model, monkeypatch):
+    """sample_latents(compile=True): the static-cache step through torch.compile (aot_eager here: the graph
+    capture without inductor's minutes of C++ builds; CUDA graphs on a GPU) gives the eager latents."""
+    import functools
+
+    from janusflow import sampling
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    sampling.compiled_cfg_velocity.cache_clear()
+    ids, mask = batch(["a red circle", "two blue squares"])
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    kw = dict(steps=4, cfg_weight=2.0, pad_id=TOK.pad_id, attention_mask=mask)
+    plain = sample_latents(tiny_model, ids, noise, **kw)
+    compiled = sample_latents(tiny_model, ids, noise, compile=True, **kw)
+    sampling.compiled_cfg_velocity.cache_clear()
+    torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_cfg_prefix_rows(tiny_model):
     ids, mask = batch(["ab", "abcdef"])
     embeds, pmask = cfg_prefix(tiny_model, ids, mask, TOK.pad_id)

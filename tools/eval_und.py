@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from janusflow.eval.cli import format_scores
 from janusflow.eval.und_benchmarks import (
     SHORT_ANSWER,
     QuestionFileError,
@@ -83,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except (QuestionFileError, PipelineError, FileNotFoundError, ValueError) as e:
         print(f"eval_und.py: error: {e}", file=sys.stderr)
         return 2
-    width = max(map(len, scores))
-    print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-                    for k, v in scores.items()))
+    print(format_scores(scores))
     print(f"wrote {args.out}/")
     return 0
 

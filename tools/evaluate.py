@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from janusflow.eval.cli import add_eval_args, check_eval_args, eval_kwargs
+from janusflow.eval.cli import add_eval_args, check_eval_args, eval_kwargs, format_scores
 from janusflow.eval.runner import evaluate_export
 from janusflow.pipeline import PipelineError
 
@@ -40,11 +40,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def table(results: dict[str, float]) -> str:
-    width = max(map(len, results))
-    return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in results.items())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
@@ -54,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, ValueError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    print(table(results))
+    print(format_scores(results))
     print(f"({time.time() - start:.1f} s)")
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "out"}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from janusflow.eval.cli import format_scores
 from janusflow.eval.fid import FIDError, folder_fid, inception_extractor
 
 
@@ -45,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except FIDError as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         return 2
-    width = max(map(len, scores))
-    print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-                    for k, v in scores.items()))
+    print(format_scores(scores))
     print(f"({time.time() - start:.1f} s)")
     if args.out:
         Path(args.out).write_text(json.dumps({"scores": scores, "settings": vars(args)}, indent=2))

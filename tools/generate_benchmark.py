@@ -14,7 +14,6 @@ prompts already finished; prompt p's sample k always starts from the noise (seed
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -30,8 +29,9 @@ from janusflow.eval.benchmarks import (
     read_geneval,
     read_mjhq,
 )
+from janusflow.eval.cli import check_sampler_flags
 from janusflow.pipeline import DTYPES, PipelineError, load_pipeline
-from janusflow.sampling import SOLVERS, check_sampler_options
+from janusflow.sampling import SOLVERS
 
 SCORE_HINTS = {
     "geneval": "score it with GenEval: python evaluation/evaluate_images.py {out} --outfile results.jsonl "
@@ -84,13 +84,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.seed < 0:
         p.error("--seed must be >= 0")
-    if not math.isfinite(args.cfg):
-        p.error(f"--cfg must be a finite number, got {args.cfg}")
-    args.cfg_interval = tuple(args.cfg_interval)
-    try:
-        check_sampler_options(args.solver, args.time_shift, args.cfg_interval)
-    except ValueError as e:
-        p.error(f"--{str(e).replace('_', '-')}")
+    check_sampler_flags(p, args)
 
 
 def items_and_layout(args: argparse.Namespace):

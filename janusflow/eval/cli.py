@@ -41,3 +41,23 @@ def eval_kwargs(args: argparse.Namespace) -> dict:
     return dict(num_geneval_per_category=args.num_geneval, num_fd_images=args.num_fd_images, num_vqa=args.num_vqa,
                 num_rf_images=args.num_rf_images, steps=args.sample_steps, cfg_weight=args.cfg, seed=args.seed,
                 batch_size=args.batch_size)
+
+
+def check_sampler_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--cfg finite, --time-shift / --cfg-interval as janusflow.sampling accepts them (the interval made a tuple)."""
+    from janusflow.sampling import check_sampler_options
+
+    if not math.isfinite(args.cfg):
+        p.error(f"--cfg must be a finite number, got {args.cfg}")
+    args.cfg_interval = tuple(args.cfg_interval)
+    try:
+        check_sampler_options(args.solver, args.time_shift, args.cfg_interval)
+    except ValueError as e:
+        p.error(f"--{str(e).replace('_', '-')}")
+
+
+def format_scores(scores: dict) -> str:
+    """A column of ``name  value`` lines (floats to 4 decimals)."""
+    width = max(map(len, scores))
+    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                     for k, v in scores.items())

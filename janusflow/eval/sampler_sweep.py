@@ -89,8 +89,7 @@ def evaluate_setting(pipe: Pipeline, data: EvalData, setting: SamplerSetting, *,
 def fd_features(pipe: Pipeline, images: list[Image.Image]) -> torch.Tensor:
     """The FD features of janusflow.eval.runner: the model's understanding encoder, mean-pooled [N, D]."""
     und = pipe.model.config.und_encoder
-    return metrics.encoder_features(pipe.model.vision_und_enc_model, images, und.image_size, und.image_mean,
-                                    und.image_std)
+    return metrics.encoder_features(pipe.model.vision_und_enc_model, images, und)
 
 
 def markdown_table(rows: list[SweepRow]) -> str:

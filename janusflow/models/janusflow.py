@@ -102,12 +102,16 @@ class JanusFlow(nn.Module):
                           image_seq_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with every image's 1 + N embeddings written at ``image_seq_mask`` positions.
 
-        image_seq_mask [B, L] marks each image's <begin_of_image> and its N placeholders, images in order.
+        image_seq_mask [B, L] marks each image's <begin_of_image> and its N placeholders, images in order. Images
+        with no mask are training's placeholder for text-only rows: encoded and joined times zero, so that the
+        encoder's forward and backward run where real images' would (every ZeRO-3 rank gathers in one order).
         """
         if pixel_values is None or pixel_values.shape[0] == 0:
             return self.embed_tokens(input_ids)
-        images = self.encode_und_images(pixel_values)  # first: training runs the same module order with or without
+        images = self.encode_und_images(pixel_values)
         embeds = self.embed_tokens(input_ids)
+        if image_seq_mask is None:
+            return embeds + 0.0 * images.sum().to(embeds.dtype)
         return self.place_und_images(embeds, images.to(embeds.dtype), image_seq_mask)
 
     @staticmethod

@@ -9,8 +9,10 @@ mixture ratio is also the weighting of the objectives.
 
 ``TrainModule`` is what DeepSpeed trains: JanusFlow plus the training-only REPA projector. Its forward always runs
 the same sequence of modules whatever tasks the micro-batch holds: an absent part runs on a one-row placeholder
-(``ArRows.placeholder``, ``GenRows.placeholder``) whose loss is multiplied by zero, because ZeRO-2 reduces
-gradients in the order they become ready and ZeRO-3 gathers parameters collectively, both the same on every rank.
+(``ArRows.placeholder``, ``GenRows.placeholder``) whose loss is multiplied by zero, and text-only rows still run
+the understanding encoder on a placeholder image joined to the LLM's input times zero, because ZeRO-2 reduces
+gradients in the order they become ready and ZeRO-3 gathers parameters collectively in forward and backward, both
+the same on every rank. For the same reason nothing here reads a parameter outside its module's forward.
 
     module = TrainModule(model, repa_weight=1.0, repa_layer=6, repa_hidden=2048)
     losses = module(batch.to_device(device, dtype, codec, cfg))    # {"loss", "loss_rf", "loss_repa", ...}
@@ -54,6 +56,10 @@ class TrainModule(nn.Module):
         self.repa_weight, self.repa_layer, self.repa_cached = repa_weight, repa_layer, repa_cached
         self.repa_projector_only = False
         """REPA's warm-up: its gradient reaches the projector only (the hidden state is detached)."""
+        # Device and LLM dtype without touching a parameter: under ZeRO-3 reading a partitioned parameter outside
+        # its module's forward all-gathers it, a collective that would hang when only some ranks take a branch.
+        ref = model.language_model.get_input_embeddings().weight
+        self.register_buffer("anchor", ref.new_zeros(0), persistent=False)
         self.projector = None
         if repa_weight > 0:
             cfg = model.config
@@ -63,7 +69,12 @@ class TrainModule(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.beg_of_und_embed.device
+        return self.anchor.device
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        """The dtype of the LLM's inputs (the model's after DeepSpeed casts it)."""
+        return self.anchor.dtype
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         if batch.layout is not None:
@@ -78,26 +89,25 @@ class TrainModule(nn.Module):
 
     def _und_encoder_placeholder(self) -> torch.Tensor:
         """A one-image input of the understanding encoder (SigLIP pixels, or VAE latents for the VAE kinds)."""
-        cfg, ref = self.model.config, self.model.vision_gen_dec_aligner.weight
+        cfg, ref = self.model.config, self.anchor
         if not cfg.und_uses_vae:
             return ref.new_zeros(1, 3, cfg.und_encoder.image_size, cfg.und_encoder.image_size)
         gen = cfg.gen_encoder
         return ref.new_zeros(1, gen.latent_channels, 2 * gen.stride, 2 * gen.stride)
 
-    def _unused_und_encoder(self, rows: ArRows) -> torch.Tensor | float:
-        """Zero times the understanding encoder on a placeholder image when the rows have no images, run where
-        real images would run (before the LLM), so that every rank calls the same modules in the same order."""
+    def _und_images(self, rows: ArRows) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder inputs and image mask of the rows; text-only rows get a placeholder image and no mask
+        (JanusFlow.und_inputs_embeds joins it times zero)."""
         if rows.encoder_inputs is not None:
-            return 0.0
-        return 0.0 * self.model.encode_und_images(self._und_encoder_placeholder()).sum()
+            return rows.encoder_inputs, rows.image_mask
+        return self._und_encoder_placeholder(), None
 
     def _ar_loss(self, rows: ArRows, n: int, losses: dict, real: bool) -> torch.Tensor:
-        unused = self._unused_und_encoder(rows)
-        logits = self.model.forward_und(rows.input_ids, rows.attention_mask, rows.encoder_inputs, rows.image_mask,
+        logits = self.model.forward_und(rows.input_ids, rows.attention_mask, *self._und_images(rows),
                                         position_ids=rows.position_ids).logits
         if not real:
-            return unused + 0.0 * logits.sum()
-        return self._task_losses(next_token_ce(logits, rows), rows, n, losses) + unused
+            return 0.0 * logits.sum()
+        return self._task_losses(next_token_ce(logits, rows), rows, n, losses)
 
     @staticmethod
     def _task_losses(per_sample: torch.Tensor, rows: ArRows, n: int, losses: dict) -> torch.Tensor:
@@ -114,7 +124,7 @@ class TrainModule(nn.Module):
         z_t, target = noisy_latents(rows.latents, rows.t, rows.noise_seed)
         m = self.model
         layer = self.repa_layer if self.projector is not None else None
-        v, inner = m.forward_gen(m.embed_tokens(rows.prompt_ids), rows.prompt_mask, z_t.to(m.dtype_for_llm), rows.t,
+        v, inner = m.forward_gen(m.embed_tokens(rows.prompt_ids), rows.prompt_mask, z_t.to(self.llm_dtype), rows.t,
                                  hidden_layer=layer)
         loss = self._flow_losses(v, inner, rows, target, losses if real else {})
         return rows.latents.shape[0] / n * loss if real else 0.0 * loss
@@ -127,11 +137,10 @@ class TrainModule(nn.Module):
         gen = batch.gen if real_gen else GenRows.placeholder(m.config, self.device, self.repa_cached,
                                                               m.vision_und_enc_model.num_patches)
         z_t, target = noisy_latents(gen.latents, gen.t, gen.noise_seed)
-        gen_in = m.gen_inputs(z_t.to(m.dtype_for_llm), gen.t)
-        unused = self._unused_und_encoder(rows)
+        gen_in = m.gen_inputs(z_t.to(self.llm_dtype), gen.t)
         layer = self.repa_layer if self.projector is not None else None
-        hidden, inner = m.forward_packed(rows.input_ids, rows.position_ids, layout.segments, rows.encoder_inputs,
-                                         rows.image_mask, gen_in if real_gen else None, layout.gen_slots, layer)
+        hidden, inner = m.forward_packed(rows.input_ids, rows.position_ids, layout.segments, *self._und_images(rows),
+                                         gen_in if real_gen else None, layout.gen_slots, layer)
         logits = m.language_model.lm_head(hidden)
         has_ar = rows.is_und.numel() > 0
         ar = self._task_losses(next_token_ce(logits, rows), rows, batch.size, losses) if has_ar else 0.0 * logits.sum()
@@ -144,7 +153,7 @@ class TrainModule(nn.Module):
             zeros = hidden.new_zeros(1, gen_in.tokens.shape[1], hidden.shape[-1])
             v = m.velocity_from_hidden(zeros, gen_in)
             flow = 0.0 * self._flow_losses(v, zeros if layer else None, gen, target, {})
-        losses["loss"] = ar + unused + flow
+        losses["loss"] = ar + flow
         return losses
 
     def _flow_losses(self, v: torch.Tensor, inner: torch.Tensor | None, rows: GenRows, target: torch.Tensor,
@@ -167,4 +176,4 @@ class TrainModule(nn.Module):
             return rows.repa_targets
         tower = self.model.vision_und_enc_model
         with torch.no_grad():
-            return tower(siglip_view(rows.crops, self.model.config.und_encoder).to(self.model.dtype_for_llm))
+            return tower(siglip_view(rows.crops, self.model.config.und_encoder).to(self.llm_dtype))
