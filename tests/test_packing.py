@@ -11,6 +11,7 @@ from janusflow.models.codec import LatentCodec
 from janusflow.models.packing import block_causal_mask, segment_boundaries
 from janusflow.tokenizer import ByteTokenizer
 from janusflow.train.losses import TrainModule
+from janusflow.train.stages import apply_freeze_policy
 from tests.test_speed import _sources
 from tests.test_training import losses, read_metrics, run_tiny
 
@@ -116,3 +117,37 @@ def test_trainer_packs_every_task_and_two_ranks_match_one(tmp_path, monkeypatch)
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
     rows = [r for r in read_metrics(tmp_path / "one") if r["stage"] == "adaptation"]
     assert all(k in rows[-1] for k in ("loss_rf", "loss_und", "loss_text"))
+
+
+def _call_order(module: TrainModule, batch) -> tuple[list[str], list[str]]:
+    """The names of the modules in the order their forward starts, and in the order their backward starts."""
+    forward, backward, handles = [], [], []
+    for name, sub in module.named_modules():
+        handles.append(sub.register_forward_pre_hook(lambda m, i, name=name: forward.append(name)))
+        handles.append(sub.register_full_backward_pre_hook(lambda m, g, name=name: backward.append(name)))
+    module(batch)["loss"].backward()
+    for h in handles:
+        h.remove()
+    return forward, backward
+
+
+@pytest.mark.filterwarnings("ignore:For backward hooks to be called")
+@pytest.mark.parametrize("pack_length", [None, 160])
+@pytest.mark.parametrize("policy", ["stage1", "stage3"])
+def test_every_task_mix_calls_the_modules_in_one_order(tmp_path, pack_length, policy):
+    """ZeRO-3 gathers each module's parameters collectively when its forward or backward starts, so a rank whose
+    micro-batch holds only understanding, only generation or only text must call them in the same order."""
+    sources, codec, orders = _sources(tmp_path), _codec(), {}
+    for name, phase in {"mixed": MixturePhase(und=1, gen=2, text=1), "und": MixturePhase(und=1, gen=0, text=0),
+                        "gen": MixturePhase(und=0, gen=1, text=0), "text": MixturePhase(und=0, gen=0, text=1)}.items():
+        batch = next(_stream(sources, phase, pack_length=pack_length).micro_batches(0, 4, 4))
+        with torch.no_grad():
+            batch = batch.to_device(torch.device("cpu"), torch.float32, codec)
+        module = _module()
+        apply_freeze_policy(module.model, policy)
+        orders[name] = _call_order(module, batch)
+    forward, backward = orders["mixed"]
+    assert "model.vision_und_enc_aligner" in backward and "model.vision_gen_enc_model" in backward
+    for name, (f, b) in orders.items():
+        assert f == forward, name
+        assert b == backward, name

@@ -1,6 +1,6 @@
 """`make rehearsal`, shortened: the 1.3B recipe at official widths, 2 blocks deep, packed, ZeRO-3 on 2 CPU ranks, from
-an official-layout model directory to an exported model and one sampled image. Minutes and ~10 GB of memory on
-2 cores, so it runs only with JANUSFLOW_SLOW_TESTS=1."""
+an official-layout model directory to an exported model and one sampled image. Minutes and ~18 GB of memory on
+2 cores (two ranks of up to ~9 GB each), so it runs only with JANUSFLOW_SLOW_TESTS=1."""
 
 import json
 import os
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(not os.environ.get("JANUSFLOW_SLOW_TESTS"),
-                    reason="the rehearsal takes minutes and ~10 GB (set JANUSFLOW_SLOW_TESTS=1)")
+                    reason="the rehearsal takes minutes and ~18 GB (set JANUSFLOW_SLOW_TESTS=1)")
 def test_rehearsal_runs_the_real_recipe_end_to_end(tmp_path):
     out = tmp_path / "rehearsal"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "rehearsal.py"), "--out", str(out), "--steps", "1",

@@ -3,9 +3,11 @@
     python tools/rehearsal.py [--out runs/rehearsal] [--steps 2] [--pack-length 1024] [--ranks 2]
     make rehearsal
 
-1. An official-layout model directory at the release's widths (LLM 2048 wide with 2 blocks, vocabulary 102,400;
-   SigLIP 1024 wide with 2 blocks at 384 px; generation encoder/decoder 768), random weights, with a BPE tokenizer;
-   an SDXL-geometry AutoencoderKL with tiny widths (384 px -> 48 x 48 x 4 latents: 576 image tokens).
+1. An official-layout model directory at the release's widths (LLM 2048 wide with 2 blocks; SigLIP 1024 wide with
+   2 blocks at 384 px; generation encoder/decoder 768), random weights, with a BPE tokenizer; an SDXL-geometry
+   AutoencoderKL with tiny widths (384 px -> 48 x 48 x 4 latents: 576 image tokens). The vocabulary is
+   ``--vocab`` (32,000): the release's 102,400 makes the embedding and head 420M of the model's 630M parameters,
+   and two fp32 ranks with AdamW states and an EMA copy then need ~30 GB (``--vocab 102400`` on a larger machine).
 2. Data in the real formats on disk: LLaVA JSON with JPEG images, WebDataset shards of JPEG + caption, text JSONL.
 3. ``recipes/janusflow-1.3b.yaml``'s three stages, starting from that directory, with packing (rows of
    ``--pack-length`` tokens, the rehearsal's context), ZeRO-3 on ``--ranks`` CPU ranks and activation
@@ -35,6 +37,7 @@ from janusflow.io import read_jsonl_records
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPTH = {"llm": {"num_hidden_layers": 2}, "und_encoder": {"layers": 2}}
+RELEASE_VOCAB = 102400
 SDXL_GEOMETRY_TINY = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
                           block_out_channels=[8, 16, 16, 16], act_fn="silu", sample_size=384, scaling_factor=0.13025,
                           down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
@@ -66,17 +69,22 @@ def write_data(out: Path, num: int) -> dict[str, str]:
     return {"und": str(out / "und.json"), "gen": str(out / "gen-00000.tar"), "text": str(shapes / "text_train.jsonl")}
 
 
-def write_model(out: Path, corpus: list[str]) -> tuple[Path, Path]:
+def shape(vocab: int) -> dict:
+    """The model overrides of the rehearsal: reduced depth, and the vocabulary."""
+    return {"llm": {**DEPTH["llm"], "vocab_size": vocab}, "und_encoder": DEPTH["und_encoder"]}
+
+
+def write_model(out: Path, corpus: list[str], vocab: int) -> tuple[Path, Path]:
     """The official-layout model directory (random weights, the tokenizer beside them) and the VAE directory."""
     from diffusers import AutoencoderKL
 
     from janusflow.models.janusflow import JanusFlow
     from janusflow.tokenizer import train_bpe_tokenizer
 
-    model_dir, vae_dir = out / "JanusFlow-rehearsal", out / "sdxl-vae-tiny"
+    model_dir, vae_dir = out / f"JanusFlow-rehearsal-vocab{vocab}", out / "sdxl-vae-tiny"
     if not (model_dir / "model.safetensors").exists():
         torch.manual_seed(0)
-        JanusFlow(model_config("janusflow-1.3b", **DEPTH)).save_pretrained(model_dir)
+        JanusFlow(model_config("janusflow-1.3b", **shape(vocab))).save_pretrained(model_dir)
         train_bpe_tokenizer(corpus, 1024, model_dir)
     if not (vae_dir / "config.json").exists():
         torch.manual_seed(0)
@@ -85,12 +93,12 @@ def write_model(out: Path, corpus: list[str]) -> tuple[Path, Path]:
 
 
 def write_recipe(out: Path, data: dict, model_dir: Path, vae_dir: Path, steps: int, pack_length: int,
-                 ranks: int) -> Path:
+                 ranks: int, vocab: int) -> Path:
     """recipes/janusflow-1.3b.yaml with the rehearsal's paths, depth, context and step counts."""
     stage = {"max_steps": steps, "warmup_steps": 1, "batch_size": ranks, "micro_batch_size": 1}
     recipe = {
         "base": str(ROOT / "recipes" / "janusflow-1.3b.yaml"), "name": "rehearsal", "run_dir": str(out / "run"),
-        "model": DEPTH, "codec": {"path": str(vae_dir)}, "tokenizer": {"kind": "hf", "path": str(model_dir)},
+        "model": shape(vocab), "codec": {"path": str(vae_dir)}, "tokenizer": {"kind": "hf", "path": str(model_dir)},
         "llm_path": None, "und_encoder_path": None,
         "data": {"und": [{"path": data["und"], "format": "llava_json"},
                          {"path": data["gen"], "format": "webdataset", "template": "caption"}],
@@ -123,9 +131,11 @@ def model_state_estimates(gpus: int = 8) -> list[str]:
         model = JanusFlow(model_config("janusflow-1.3b"))
     total = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
-    zero1 = 2 * total + 2 * total + int(12 * total / gpus)  # bf16 weights and gradients, fp32 states partitioned
+    # ZeRO-1 (no estimator in DeepSpeed): zero2's terms with the 16-bit gradients whole instead of partitioned.
+    zero1 = 2 * total + 2 * total + int(16 * total / gpus)
     _, zero2 = estimate_zero2_model_states_mem_needs(total, gpus, 1, cpu_offload=False)
-    _, _, zero3 = estimate_zero3_model_states_mem_needs(total, largest, gpus, 1, cpu_offload=False)
+    _, zero3, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, 1, cpu_offload=False,
+                                                        cpu_offload_params=False)
     return [f"real JanusFlow-1.3B: {total / 1e9:.2f}B parameters (largest tensor {largest / 1e6:.0f}M); DeepSpeed's "
             f"model-state estimate per GPU on {gpus} GPUs (bf16, AdamW, no offload):",
             f"  ZeRO-1 {zero1 / 2**30:.1f} GiB, ZeRO-2 {zero2 / 2**30:.1f} GiB, ZeRO-3 {zero3 / 2**30:.1f} GiB "
@@ -144,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pack-length", type=int, default=1024, help="packed row length (the rehearsal's context)")
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks (ZeRO-3)")
     p.add_argument("--num-images", type=int, default=24, help="training images of the data")
+    p.add_argument("--vocab", type=int, default=32000, help=f"LLM vocabulary (the release's: {RELEASE_VOCAB})")
     args = p.parse_args(argv)
     start, out = time.time(), Path(args.out).resolve()
     data = write_data(out / "data", args.num_images)
     corpus = [r["caption"] for r in read_jsonl_records(Path(data["text"]).parent / "gen_train.jsonl")]
-    model_dir, vae_dir = write_model(out, corpus + [r["text"] for r in read_jsonl_records(data["text"])])
-    recipe = write_recipe(out, data, model_dir, vae_dir, args.steps, args.pack_length, args.ranks)
+    model_dir, vae_dir = write_model(out, corpus + [r["text"] for r in read_jsonl_records(data["text"])], args.vocab)
+    recipe = write_recipe(out, data, model_dir, vae_dir, args.steps, args.pack_length, args.ranks, args.vocab)
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1",
            "JANUSFLOW_CACHE": str(out / "_cache"), "HF_HUB_OFFLINE": "1"}
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),

@@ -175,14 +175,18 @@ class JanusFlow(nn.Module):
 
         Understanding images go to ``image_seq_mask``; each generation sample's [t_emb, image tokens] to its row of
         ``gen_slots`` [G, 1 + N] (flat positions row * L + column); every sample attends only to itself
-        (janusflow.models.packing). Returns the last hidden state [R, L, hidden] and the one after block
-        ``hidden_layer`` (or None).
+        (janusflow.models.packing). Generation inputs without slots are training's placeholder, joined times zero
+        (as images without a mask: janusflow.train.losses). Returns the last hidden state [R, L, hidden] and the
+        one after block ``hidden_layer`` (or None).
         """
         embeds = self.und_inputs_embeds(input_ids, pixel_values, image_seq_mask)
         if gen is not None:
             values = torch.cat([gen.t_emb.unsqueeze(1), gen.tokens], dim=1).to(embeds.dtype)
-            flat = embeds.reshape(-1, embeds.shape[-1]).index_put((gen_slots.flatten(),), values.flatten(0, 1))
-            embeds = flat.view_as(embeds)
+            if gen_slots is None:
+                embeds = embeds + 0.0 * values.sum()
+            else:
+                flat = embeds.reshape(-1, embeds.shape[-1]).index_put((gen_slots.flatten(),), values.flatten(0, 1))
+                embeds = flat.view_as(embeds)
         kwargs = packed_attention(segments, position_ids, self.language_model.config._attn_implementation,
                                   embeds.dtype)
         out = self.language_model.model(inputs_embeds=embeds.reshape(kwargs.pop("shape")), use_cache=False,

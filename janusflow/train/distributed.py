@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import gc
 import json
 import os
 import socket
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -29,6 +32,8 @@ from torch import nn
 from janusflow.config import StageConfig, TrainConfig
 
 T = TypeVar("T")
+GATHER_NUMEL = 100_000_000
+"""Parameters gathered at once when a ZeRO-3 model is read whole (EMA update, state dict): 400 MB in fp32."""
 
 
 def configure_accelerator() -> str:
@@ -47,6 +52,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401  (the module; the name itself resolves to the torch package)
+    # DeepSpeed calls torch.distributed's renamed collectives: one warning per rank and call site, nothing to act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     from deepspeed.accelerator import get_accelerator
 
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -98,10 +105,74 @@ def gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
+def gathered_groups(params: list[nn.Parameter], max_numel: int | None = None) -> Iterator[slice]:
+    """Consecutive groups of ``params`` of at most ``max_numel`` elements (a larger tensor alone), each gathered
+    while the caller uses its slice (collective under ZeRO-3): memory for one group, not the whole model."""
+    start, size, max_numel = 0, 0, max_numel or GATHER_NUMEL
+    for i, p in enumerate(params):
+        n = getattr(p, "ds_numel", p.numel())
+        if i > start and size + n > max_numel:
+            with gathered(params[start:i]):
+                yield slice(start, i)
+            start, size = i, 0
+        size += n
+    if start < len(params):
+        with gathered(params[start:]):
+            yield slice(start, len(params))
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A complete CPU state dict, also under ZeRO-3 (collective: call on every rank)."""
-    with gathered(list(model.parameters())):
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    """The complete state dict on the CPU of rank 0 (other ranks get {}), under ZeRO-3 gathered one tensor at a
+    time (collective: call on every rank)."""
+    state = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        with gathered([tensor] if isinstance(tensor, nn.Parameter) else []):
+            if rank() == 0:
+                state[name] = tensor.detach().cpu().clone()
+    return state
+
+
+def release_engine(engine) -> None:
+    """Free a finished stage's engine: its optimizer states and its model's weights (on disk by then).
+
+    DeepSpeed keeps a ZeRO-3 engine reachable after ``destroy`` (its Init context and hook caches refer to the
+    module), which kept one stage's optimizer states alive into the next: the tensors are dropped by hand.
+    """
+    destroy = getattr(engine, "destroy", None)
+    if destroy is not None:
+        destroy()
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", None)
+    for opt in (inner, optimizer):
+        if isinstance(getattr(opt, "state", None), dict):
+            opt.state.clear()
+    for opt in (optimizer, inner):
+        for name, value in list(vars(opt).items()) if opt is not None else ():
+            if _holds_tensors(value):
+                setattr(opt, name, None)
+    for p in engine.module.parameters():
+        p.grad = None
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if hasattr(p, "ds_tensor"):
+            p.ds_tensor = None
+
+
+def _holds_tensors(value, depth: int = 2) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth == 0:
+        return False
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_tensors(v, depth - 1) for v in value)
+
+
+def free_memory() -> None:
+    """Collect unreferenced cycles (DeepSpeed's engines have them) and hand the freed memory back to the OS."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def num_parameters(params: list[nn.Parameter]) -> int:

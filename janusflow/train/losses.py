@@ -140,21 +140,27 @@ class TrainModule(nn.Module):
         gen_in = m.gen_inputs(z_t.to(self.llm_dtype), gen.t)
         layer = self.repa_layer if self.projector is not None else None
         hidden, inner = m.forward_packed(rows.input_ids, rows.position_ids, layout.segments, *self._und_images(rows),
-                                         gen_in if real_gen else None, layout.gen_slots, layer)
+                                         gen_in, layout.gen_slots if real_gen else None, layer)
         logits = m.language_model.lm_head(hidden)
         has_ar = rows.is_und.numel() > 0
         ar = self._task_losses(next_token_ce(logits, rows), rows, batch.size, losses) if has_ar else 0.0 * logits.sum()
-        if real_gen:  # each generation sample's states at its image positions [G, N, hidden]
-            image = layout.gen_slots[:, 1:]
-            v = m.velocity_from_hidden(hidden.flatten(0, 1)[image], gen_in)
-            image_inner = inner.flatten(0, 1)[image] if inner is not None else None
-            flow = gen.t.shape[0] / batch.size * self._flow_losses(v, image_inner, gen, target, losses)
-        else:  # the generation modules on zeros (every rank calls the same modules), times zero
-            zeros = hidden.new_zeros(1, gen_in.tokens.shape[1], hidden.shape[-1])
-            v = m.velocity_from_hidden(zeros, gen_in)
-            flow = 0.0 * self._flow_losses(v, zeros if layer else None, gen, target, {})
-        losses["loss"] = ar + flow
+        v, image_inner = self._image_states(hidden, inner, gen_in, layout.gen_slots if real_gen else None)
+        flow = self._flow_losses(v, image_inner, gen, target, losses if real_gen else {})
+        losses["loss"] = ar + (gen.t.shape[0] / batch.size * flow if real_gen else 0.0 * flow)
         return losses
+
+    def _image_states(self, hidden: torch.Tensor, inner: torch.Tensor | None, gen_in, gen_slots: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The velocity [G, C, h, w] from each generation sample's states at its image positions, and the REPA
+        block's states there [G, N, hidden]. The placeholder (no slots) reads any N positions, so that the generation
+        modules' backward runs after the LLM's on every rank."""
+        if gen_slots is not None:
+            image = gen_slots[:, 1:]
+        else:
+            n = gen_in.tokens.shape[1]
+            image = torch.arange(n, device=hidden.device).remainder(hidden.shape[0] * hidden.shape[1]).unsqueeze(0)
+        v = self.model.velocity_from_hidden(hidden.flatten(0, 1)[image], gen_in)
+        return v, inner.flatten(0, 1)[image] if inner is not None else None
 
     def _flow_losses(self, v: torch.Tensor, inner: torch.Tensor | None, rows: GenRows, target: torch.Tensor,
                      losses: dict) -> torch.Tensor:

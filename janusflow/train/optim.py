@@ -16,7 +16,7 @@ from torch import nn
 
 from janusflow.config import StageConfig, TrainConfig
 from janusflow.models.janusflow import JanusFlow
-from janusflow.train.distributed import gathered
+from janusflow.train.distributed import gathered_groups
 
 
 def lr_factor(stage: StageConfig, step: int) -> float:
@@ -48,19 +48,20 @@ class EMA:
     """Exponential moving average of the model weights (fp32). Every rank keeps one (under ZeRO-3 the parameter
     gather is collective); rank 0 saves it."""
 
-    def __init__(self, model: JanusFlow, decay: float):
+    def __init__(self, model: JanusFlow, decay: float, own: bool = False):
+        """Averages start from ``model``'s weights: a copy, or ``model`` itself when ``own`` (a model loaded for
+        the purpose, e.g. the previous stage's EMA: no second full copy in memory)."""
         self.decay = decay
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.model = (model if own else copy.deepcopy(model)).float().eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: JanusFlow, names: list[str]) -> None:
         params = dict(model.named_parameters())
         own = dict(self.model.named_parameters())
-        sources = [params[n] for n in names]
-        with gathered(sources):
-            targets = [own[n] for n in names]
-            values = [p.detach().to(t.device, torch.float32) for p, t in zip(sources, targets)]
-            torch._foreach_lerp_(targets, values, 1.0 - self.decay)  # one call instead of one per tensor
+        sources, targets = [params[n] for n in names], [own[n] for n in names]
+        for part in gathered_groups(sources):
+            values = [p.detach().to(t.device, torch.float32) for p, t in zip(sources[part], targets[part])]
+            torch._foreach_lerp_(targets[part], values, 1.0 - self.decay)  # one call per group, not per tensor
 
 
 def apply_speed_options(model: JanusFlow, activation_checkpointing: bool, compile: bool) -> None:

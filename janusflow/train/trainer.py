@@ -38,12 +38,14 @@ from janusflow.train.checkpoint import CheckpointManager, ResumeError, rng_state
 from janusflow.train.distributed import (
     EnginePolicy,
     barrier,
+    free_memory,
     full_state_dict,
     gather_floats,
     init_distributed,
     num_parameters,
     peak_memory_gb,
     rank0_first,
+    release_engine,
 )
 from janusflow.train.logging import RunLogger, print0
 from janusflow.train.losses import TrainModule
@@ -160,13 +162,19 @@ class Trainer:
         if (sdir / "final_ema" / "model.safetensors").exists():
             print0(f"stage {stage.name}: already complete ({sdir}), skipping")
             return StageResult(stage.name, sdir, stage.max_steps, {})
+        result = self._train_stage(index, stage)
+        free_memory()  # the stage's engine, optimizer and EMA, now unreferenced, before the next stage builds its own
+        return result
+
+    def _train_stage(self, index: int, stage: StageConfig) -> StageResult:
         run = self._start_stage(index, stage)
         stop = stage.max_steps if self.steps_left is None else min(stage.max_steps, run.start + self.steps_left)
         self._loop(run, stop)
         if stop < stage.max_steps:
-            return StageResult(stage.name, sdir, stop, run.metrics)
+            return StageResult(stage.name, run.dir, stop, run.metrics)
         self._finish_stage(run)
-        return StageResult(stage.name, sdir, stage.max_steps, run.metrics)
+        release_engine(run.engine)
+        return StageResult(stage.name, run.dir, stage.max_steps, run.metrics)
 
     def _start_stage(self, index: int, stage: StageConfig) -> StageRun:
         import deepspeed
@@ -182,7 +190,7 @@ class Trainer:
         start_dir = stage_init.start_directory(r, index, self.stage_dir)
         if module.projector is not None and not stage_init.load_projector(module.projector, start_dir):
             print0(f"stage {stage.name}: a fresh REPA projector (none beside the start weights)")
-        ema = EMA(ema_init if ema_init is not None else model, r.train.ema_decay)
+        ema = EMA(model, r.train.ema_decay) if ema_init is None else EMA(ema_init, r.train.ema_decay, own=True)
         ema.model.to(self.device)
         apply_speed_options(model, r.train.activation_checkpointing, r.train.compile)
         params = [p for p in module.parameters() if p.requires_grad]
