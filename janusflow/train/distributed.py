@@ -142,12 +142,12 @@ def release_engine(engine) -> None:
     if destroy is not None:
         destroy()
     optimizer = engine.optimizer
-    inner = getattr(optimizer, "optimizer", None)
-    for opt in (inner, optimizer):
+    for opt in (optimizer, getattr(optimizer, "optimizer", None)):  # DeepSpeed's wrapper and the torch optimizer
+        if opt is None:
+            continue
         if isinstance(getattr(opt, "state", None), dict):
             opt.state.clear()
-    for opt in (optimizer, inner):
-        for name, value in list(vars(opt).items()) if opt is not None else ():
+        for name, value in list(vars(opt).items()):
             if _holds_tensors(value):
                 setattr(opt, name, None)
     for p in engine.module.parameters():

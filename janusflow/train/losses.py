@@ -139,12 +139,13 @@ class TrainModule(nn.Module):
         z_t, target = noisy_latents(gen.latents, gen.t, gen.noise_seed)
         gen_in = m.gen_inputs(z_t.to(self.llm_dtype), gen.t)
         layer = self.repa_layer if self.projector is not None else None
+        slots = layout.gen_slots if real_gen else None
         hidden, inner = m.forward_packed(rows.input_ids, rows.position_ids, layout.segments, *self._und_images(rows),
-                                         gen_in, layout.gen_slots if real_gen else None, layer)
+                                         gen_in, slots, layer)
         logits = m.language_model.lm_head(hidden)
         has_ar = rows.is_und.numel() > 0
         ar = self._task_losses(next_token_ce(logits, rows), rows, batch.size, losses) if has_ar else 0.0 * logits.sum()
-        v, image_inner = self._image_states(hidden, inner, gen_in, layout.gen_slots if real_gen else None)
+        v, image_inner = self._image_states(hidden, inner, gen_in, slots)
         flow = self._flow_losses(v, image_inner, gen, target, losses if real_gen else {})
         losses["loss"] = ar + (gen.t.shape[0] / batch.size * flow if real_gen else 0.0 * flow)
         return losses
