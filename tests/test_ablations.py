@@ -231,27 +231,124 @@ def test_arm_setups_name_the_paper_columns(tmp_path):
     assert [s.max_steps for s in capped.stages] == [3, 3] and capped.resolved_run_dir == tmp_path / "f"
 
 
-def test_results_table_and_figure_from_fake_results(tmp_path):
-    ablations = _ablations_module()
-    gen = {"fd": 2.0, "geneval/overall": 0.2, "siglip_score": 0.3, "rf_val": 0.5}
-    fake = {"a": {"vqa_acc": 0.5, **gen, "fd": 3.0}, "b": {"vqa_acc": 0.3, **gen}, "c": {"vqa_acc": 0.35, **gen},
-            "d": {"vqa_acc": 0.62}, "e": {**gen, "siglip_score": 0.45}, "f": {"vqa_acc": 0.6, **gen, "fd": 1.5}}
-    records = [{"arm": a, "setup": ablations.arm_setup(ablations.arm_recipe(a, [], tmp_path)), "results": fake[a],
-                "seconds": {"train": 60.0, "eval": 10.0}} for a in ablations.ARMS]
-    kwargs = dict(num_geneval_per_category=8, num_fd_images=128, num_vqa=64, num_rf_images=32, steps=20,
-                  cfg_weight=2.0, seed=0)
-    text = ablations.markdown(records, kwargs)
-    table = text.split("\n\n")[1]  # the title, then the results table
+KWARGS = dict(num_geneval_per_category=8, num_fd_images=128, num_vqa=64, num_rf_images=32, steps=20, cfg_weight=2.0,
+              seed=0)
+GEN = {"fd": 2.0, "geneval/overall": 0.2, "siglip_score": 0.3, "rf_val": 0.5}
+
+
+def _fake_records(ablations, tmp_path, fake: dict[str, list[dict]]) -> list[dict]:
+    """Records as run_arm writes them, from ``{arm: [results of seed 0, seed 1, ...]}``, seed-major as trained."""
+    setups = {a: ablations.arm_setup(ablations.arm_recipe(a, [], tmp_path)) for a in fake}
+    seeds = len(next(iter(fake.values())))
+    return [{"arm": a, "seed": s, "setup": setups[a], "results": fake[a][s], "seconds": {"train": 60.0, "eval": 10.0}}
+            for s in range(seeds) for a in fake]
+
+
+def _rows(table: str) -> tuple[dict[str, int], dict[str, list[str]]]:
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in table.splitlines() if "---" not in line}
-    header = rows.pop("arm")
+    header = rows.pop("arm") if "arm" in rows else rows.pop("comparison")
+    return {name.split(" ↓")[0].split(" ↑")[0]: i for i, name in enumerate(header)}, rows
+
+
+def test_results_table_and_figure_from_fake_results_over_three_seeds(tmp_path):
+    ablations = _ablations_module()
+    fake = {"a": [{**GEN, "vqa_acc": v, "fd": fd, "rf_val": 0.6} for v, fd in zip([0.50, 0.52, 0.54], [3.0, 2.0, 3.5])],
+            "b": [{**GEN, "vqa_acc": v, "siglip_score": 0.5} for v in (0.30, 0.35, 0.25)],
+            "c": [{**GEN, "vqa_acc": 0.35}] * 3,
+            "d": [{"vqa_acc": v} for v in (0.62, 0.63, 0.64)],
+            "e": [{**GEN, "siglip_score": 0.45}] * 3,
+            "f": [{**GEN, "vqa_acc": v, "fd": fd} for v, fd in zip([0.60, 0.62, 0.64], [1.5, 2.5, 1.0])]}
+    records = _fake_records(ablations, tmp_path, fake)
+    text = ablations.markdown(records, KWARGS)
+    col, rows = _rows(text.split("\n\n")[1])  # the title, then the results table
     assert list(rows)[:6] == ["A", "B", "C", "D", "E", "F (JanusFlow)"]
-    col = {name.split(" ↓")[0].split(" ↑")[0]: i for i, name in enumerate(header)}
+    t2 = 4.302653  # t(0.975, 2)
+    assert rows["F (JanusFlow)"][col["VQA acc"]] == f"0.6200 ± {t2 * 0.02 / math.sqrt(3):.4f}"  # sd 0.02
+    assert rows["D"][col["VQA acc"]] == f"**0.6300 ± {t2 * 0.01 / math.sqrt(3):.4f}**"  # the best mean, bold
+    sd_fd = math.sqrt(sum((v - 5 / 3) ** 2 for v in (1.5, 2.5, 1.0)) / 2)
+    assert rows["F (JanusFlow)"][col["FD"]] == f"**1.6667 ± {t2 * sd_fd / math.sqrt(3):.4f}**"  # lower is better
+    assert rows["C"][col["VQA acc"]] == "0.3500 ± 0.0000" and rows["E"][col["SigLIP score"]] == "0.4500 ± 0.0000"
     assert rows["D"][col["FD"]] == "n/a" and rows["D"][col["SigLIP score"]] == "n/a" and rows["D"][col["REPA"]] == "-"
     assert rows["E"][col["VQA acc"]] == "n/a" and rows["E"][col["und. encoder"]] == "-"
-    assert rows["F (JanusFlow)"][col["FD"]] == "**1.5000**" and rows["A"][col["FD"]] == "3.0000"  # lower is better
-    assert rows["D"][col["VQA acc"]] == "**0.6200**" and rows["E"][col["SigLIP score"]] == "**0.4500**"
     assert rows["A"][col["REPA"]] == "no" and rows["B"][col["und. encoder"]] == "VAE + ConvNeXt (shared)"
-    assert "| total | 420 |" in text
+    assert all(r[col["seeds"]] == "3" for r in rows.values())
+    assert "train.seed 0, 1, 2" in text and "95% t-interval over seeds" in text
+    # Told apart: paired differences F - X over the 3 seeds.
+    section = text.split("## Told apart?")[1].split("\n\n")[1]
+    told = {(line.split("|")[1].strip(), line.split("|")[2].strip().split(" ")[0]): [c.strip() for c in
+            line.split("|")[3:-1]] for line in section.splitlines()[2:]}
+    assert told[("F vs A", "VQA")][0] == "+0.1000 ± 0.0000" and told[("F vs A", "VQA")][2] == "yes: F better"
+    assert told[("F vs A", "FD")][2] == "no (interval includes 0)"  # F - A = -1.5, 0.5, -2.5
+    assert told[("F vs A", "RF")][2] == "yes: F better"  # 0.5 vs 0.6, lower is better
+    assert told[("F vs B", "SigLIP")][2] == "yes: B better"  # 0.3 vs 0.5, higher is better
+    assert told[("F vs B", "VQA")][1] == "3" and told[("F vs B", "VQA")][2] == "yes: F better"
+    assert "| total | 18 | 1260 | |" in text
     ablations.plot(records, tmp_path / "results.png")
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_table_of_one_seed_prints_na_for_the_intervals(tmp_path):
+    ablations = _ablations_module()
+    fake = {"a": [{"vqa_acc": 0.5, **GEN, "fd": 3.0}], "d": [{"vqa_acc": 0.62}], "f": [{"vqa_acc": 0.6, **GEN}]}
+    records = _fake_records(ablations, tmp_path, fake)
+    text = ablations.markdown(records, KWARGS, real_siglip_score=0.8)
+    col, rows = _rows(text.split("\n\n")[1])
+    assert list(rows) == ["A", "D", "F (JanusFlow)"]
+    assert rows["F (JanusFlow)"][col["FD"]] == "**2.0000 ± n/a (1 seed)**" and rows["D"][col["FD"]] == "n/a"
+    assert rows["A"][col["VQA acc"]] == "0.5000 ± n/a (1 seed)"
+    section = text.split("## Told apart?")[1]
+    assert "| F vs A | VQA acc ↑ | +0.1000 ± n/a (1 seed) | 1 | n/a (1 seed) |" in section
+    assert "| F vs B |" not in section  # B did not run
+    assert "SigLIP score of 0.8000" in text
+    ablations.plot(records, tmp_path / "one.png")
+    assert (tmp_path / "one.png").stat().st_size > 0
+
+
+def test_every_arm_runs_once_per_seed_in_its_own_dir_with_train_seed(tmp_path):
+    ablations = _ablations_module()
+    runs = ablations.seed_recipes("fa", ["train.ema_decay=0.5"], tmp_path, seeds=2, max_steps=3)
+    assert list(runs) == [("a", 0), ("f", 0), ("a", 1), ("f", 1)]  # A-F order, all arms of a seed first
+    for (arm, seed), recipe in runs.items():
+        assert recipe.resolved_run_dir == tmp_path / arm / f"seed-{seed}"
+        assert recipe.train.seed == seed and recipe.train.ema_decay == 0.5 and recipe.name == f"ablation-{arm}"
+        assert [s.max_steps for s in recipe.stages] == [3, 3]
+    assert ablations.parse_args([]).seeds == 3 and ablations.parse_args(["--seeds", "1"]).seeds == 1
+    for bad in (["--seeds", "0"], ["train.seed=2"]):
+        with pytest.raises(SystemExit):
+            ablations.parse_args(bad)
+
+
+def test_run_arm_trains_and_evaluates_each_seed_once(tmp_path, monkeypatch):
+    """With the trainer and the evaluation faked: the wandb run name, the cached record of each seed, its reuse."""
+    import janusflow.eval.runner as runner
+    import janusflow.train.trainer as trainer
+
+    ablations = _ablations_module()
+    trained, evaluated = [], []
+
+    class FakeTrainer:
+        def __init__(self, recipe, group=None, run_name=None):
+            self.recipe, self.group, self.run_name = recipe, group, run_name
+
+        def run(self):
+            trained.append((self.recipe.resolved_run_dir, self.group, self.run_name))
+            self.recipe.resolved_run_dir.mkdir(parents=True, exist_ok=True)
+
+    def fake_eval(export, data_dir, siglip_dir=None, tasks=(), **kwargs):
+        evaluated.append((Path(export), tasks))
+        return {"vqa_acc": 0.5}
+
+    monkeypatch.setattr(trainer, "Trainer", FakeTrainer)
+    monkeypatch.setattr(runner, "evaluate_export", fake_eval)
+    prep, settings = {"data_dir": "data", "siglip_dir": "siglip"}, {"num_vqa": 4, "overrides": []}
+    runs = ablations.seed_recipes("d", [], tmp_path, seeds=2)
+    records = [ablations.run_arm(a, r, prep, {}, settings, log=lambda *_: None) for (a, _), r in runs.items()]
+    assert [(r["arm"], r["seed"]) for r in records] == [("d", 0), ("d", 1)]
+    assert trained == [(tmp_path / "d" / f"seed-{s}", "ablations", f"ablation-d-seed{s}") for s in (0, 1)]
+    assert evaluated == [(tmp_path / "d" / f"seed-{s}" / "export", ("und",)) for s in (0, 1)]
+    assert json.loads((tmp_path / "d" / "seed-1" / "eval.json").read_text())["seed"] == 1
+    again = ablations.run_arm("d", runs[("d", 1)], prep, {}, settings, log=lambda *_: None)
+    assert again == records[1] and len(trained) == 2  # cached: no training, no evaluation
+    ablations.run_arm("d", runs[("d", 1)], prep, {}, {**settings, "num_vqa": 8}, log=lambda *_: None)
+    assert len(evaluated) == 3  # other evaluation settings: evaluated again (the trainer resumes a finished run)
