@@ -266,3 +266,11 @@ def test_seeds_option_defaults_to_three_and_refuses_train_seed(capsys):
         with pytest.raises(SystemExit):
             compare.parse_args(bad)
     assert "train.seed" in capsys.readouterr().err
+
+
+def test_told_apart_names_the_side_only_where_the_interval_excludes_zero():
+    assert stats.told_apart(None, "up", "down") == "-"
+    assert stats.told_apart(stats.estimate([0.5]), "up", "down") == "n/a (1 seed)"
+    assert stats.told_apart(stats.estimate([1.0, -1.0, 0.5]), "up", "down") == "no (interval includes 0)"
+    assert stats.told_apart(stats.estimate([1.0, 1.1, 0.9]), "up", "down") == "yes: up"
+    assert stats.told_apart(stats.estimate([-1.0, -1.1, -0.9]), "up", "down") == "yes: down"

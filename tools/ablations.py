@@ -156,17 +156,6 @@ def best_means(estimates: dict[str, dict[str, Estimate]]) -> dict[str, float]:
     return best
 
 
-def verdict(diff: Estimate | None, lower_is_better: bool, a: str, b: str) -> str:
-    """Whether the interval of the difference a - b tells the arms apart, and which one is better."""
-    if diff is None:
-        return "-"
-    if diff.excludes_zero() is None:
-        return stats.NO_INTERVAL
-    if not diff.excludes_zero():
-        return "no (interval includes 0)"
-    return f"yes: {(a if (diff.mean < 0) == lower_is_better else b).upper()} better"
-
-
 # ----------------------------------------------------------------------------- table and figure
 
 
@@ -229,10 +218,16 @@ def told_apart(records: list[dict]) -> list[str]:
             diff = stats.paired_difference(values[a].get(key, {}), values[b].get(key, {}))
             cell, num = ("n/a", 0) if diff is None else (diff.format(4, sign=True), diff.n)
             lines.append(f"| {a.upper()} vs {b.upper()} | {label} {'↓' if lower else '↑'} | {cell} | {num} "
-                         f"| {verdict(diff, lower, a, b)} |")
+                         f"| {told_apart_verdict(diff, lower, a, b)} |")
     return [*lines, "", "Paired: the 95% t-interval (n - 1 degrees of freedom) of the per-seed differences over the "
             "seeds both arms ran; the arms share their seeds (same data order and noise per seed), so pairing "
             "removes the seed's own effect. Told apart where the interval excludes 0.", ""]
+
+
+def told_apart_verdict(diff: Estimate | None, lower_is_better: bool, a: str, b: str) -> str:
+    """The verdict on the difference a - b, naming the better arm."""
+    higher, lower = (b, a) if lower_is_better else (a, b)
+    return stats.told_apart(diff, f"{higher.upper()} better", f"{lower.upper()} better")
 
 
 def seconds_table(records: list[dict]) -> list[str]:

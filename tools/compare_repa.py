@@ -480,18 +480,10 @@ def final_table(report: dict) -> list[str]:
              "| metric | REPA on | REPA off | on − off (paired over seeds) | told apart? |", "|---|---|---|---|---|"]
     for row in report["final"]:
         on, off, diff = (of_dict(row[k]) for k in ("repa-on", "repa-off", "on_minus_off"))
-        cells = [fmt(on), fmt(off), "-" if diff is None else diff.format(4, sign=True), told_apart(diff, "on")]
+        cells = [fmt(on), fmt(off), "-" if diff is None else diff.format(4, sign=True),
+                 stats.told_apart(diff, "on higher", "on lower")]
         lines.append(f"| {row['metric']} | " + " | ".join(cells) + " |")
     return [*lines, "", "told apart: whether the paired interval of the per-seed differences excludes 0.", ""]
-
-
-def told_apart(diff: Estimate | None, first: str) -> str:
-    """``yes: <first> higher/lower`` where the interval of a difference excludes 0, ``no``, or n/a."""
-    if diff is None or diff.excludes_zero() is None:
-        return stats.NO_INTERVAL if diff is not None else "-"
-    if not diff.excludes_zero():
-        return "no (interval includes 0)"
-    return f"yes: {first} {'higher' if diff.mean > 0 else 'lower'}"
 
 
 def times_table(report: dict) -> list[str]:
@@ -501,8 +493,11 @@ def times_table(report: dict) -> list[str]:
     for row in report["seconds"]:
         values = [row.get(p, 0.0) for p in parts]
         lines.append(f"| {row['seed']} | " + " | ".join(f"{v:.0f}" for v in values) + f" | {sum(values):.0f} |")
-    total = sum(v for row in report["seconds"] for p, v in row.items() if p != "seed")
-    return [*lines, "| total | " + "| " * len(parts) + f"{total:.0f} |", ""]
+    return [*lines, "| total | " + "| " * len(parts) + f"{total_seconds(report):.0f} |", ""]
+
+
+def total_seconds(report: dict) -> float:
+    return sum(v for row in report["seconds"] for p, v in row.items() if p != "seed")
 
 
 def fmt(value: Estimate | None) -> str:
@@ -542,9 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare_repa.py: error: {e}", file=sys.stderr)
         return 2
     print((out / "compare_repa.md").read_text())
-    total = sum(v for row in report["seconds"] for p, v in row.items() if p != "seed")
     print(f"wrote {out / 'compare_repa.png'}, {out / 'compare_repa.md'}, {out / 'compare_repa.json'} (and each "
-          f"seed's in {stats.seed_dir(out, 'S')}); total {total:.0f} s")
+          f"seed's in {stats.seed_dir(out, 'S')}); total {total_seconds(report):.0f} s")
     return 0
 
 

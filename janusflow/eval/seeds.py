@@ -10,6 +10,7 @@ the error bar it comes with. Here:
 - ``paired_difference(a, b)``: the same interval for the per-seed differences a_s - b_s over the seeds both arms
   ran. The arms of a comparison share their seeds (same data order, noise and start per seed), so pairing removes
   the seed's own effect; an interval that excludes 0 tells the arms apart.
+- ``told_apart(diff, ...)``: the verdict of such an interval, in the words of the comparison.
 - ``steps_to_reach`` / ``speedup``: the steps a curve needs to be at least as good as a level, and the ratio of two
   such step counts (one seed's pair of curves).
 - ``curve_band(curves)``: the mean curve of several seeds and its interval per step, for plots.
@@ -99,6 +100,18 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float],
     None when they share no seed."""
     shared = sorted(set(a) & set(b))
     return estimate([a[s] - b[s] for s in shared], confidence) if shared else None
+
+
+def told_apart(diff: Estimate | None, if_higher: str, if_lower: str) -> str:
+    """Whether a paired difference tells two arms apart: "-" without one, n/a for a single seed, "no (interval
+    includes 0)", or "yes: " with ``if_higher`` / ``if_lower`` by the sign of its mean."""
+    if diff is None:
+        return "-"
+    if diff.excludes_zero() is None:
+        return NO_INTERVAL
+    if not diff.excludes_zero():
+        return "no (interval includes 0)"
+    return f"yes: {if_higher if diff.mean > 0 else if_lower}"
 
 
 def at_least_as_good(value: float, level: float, lower_is_better: bool) -> bool:
